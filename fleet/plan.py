@@ -1,0 +1,62 @@
+"""What a deploy changes on one host: desired state compared with the host's facts. Pure."""
+
+import difflib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class HostPlan:
+    state: object  # desired.HostState
+    send: list = field(default_factory=list)  # FileSpecs to send, in apply order
+    restarts: list = field(default_factory=list)  # ProcessSpecs to (re)start
+    reasons: dict = field(default_factory=dict)  # process name -> why it (re)starts
+    diffs: list = field(default_factory=list)  # (path, unified diff text) of changed rendered files
+
+    @property
+    def payload(self):
+        """(tar member name, FileSpec) for every file sent."""
+        return [(f"f{i}", spec) for i, spec in enumerate(self.send)]
+
+    def files_by_task(self):
+        grouped = {}
+        for member, spec in self.payload:
+            grouped.setdefault(spec.task, []).append((member, spec))
+        return list(grouped.items())
+
+    @property
+    def changed(self):
+        return bool(self.send or self.restarts)
+
+    def task_status(self):
+        """task label -> 'changed' or 'ok', as this plan would leave it."""
+        changed = {f.task for f in self.send} | {p.task for p in self.restarts}
+        return {task: ("changed" if task in changed else "ok") for task in self.state.tasks}
+
+
+def plan_host(state, report):
+    plan = HostPlan(state=state)
+    for spec in state.files:
+        if spec.content is None:
+            if not report.present.get(spec.path):
+                plan.send.append(spec)
+            continue
+        current = report.contents.get(spec.path)
+        if current != spec.content:
+            plan.send.append(spec)
+            plan.diffs.append((spec.path, unified_diff(spec.path, current, spec.content)))
+    for proc in state.processes:
+        found = report.procs.get(proc.name)
+        if found is None or not found.alive:
+            plan.restarts.append(proc)
+            plan.reasons[proc.name] = "not running"
+        elif found.fingerprint != proc.fingerprint:
+            plan.restarts.append(proc)
+            plan.reasons[proc.name] = "command or files changed"
+    return plan
+
+
+def unified_diff(path, old, new):
+    old_lines = old.decode(errors="replace").splitlines(keepends=True) if old is not None else []
+    new_lines = new.decode(errors="replace").splitlines(keepends=True)
+    return "".join(difflib.unified_diff(old_lines, new_lines, fromfile=f"{path} (on host)" if old is not None
+                                        else "/dev/null", tofile=f"{path} (new)"))

@@ -1,0 +1,20 @@
+"""Entry point of the services artifact: `python3 fleet-services.pyz SERVICE -c CONFIG`."""
+
+import argparse
+
+from fleet.services import inference
+from fleet.services.server import load_config
+
+SERVICES = {"inference": inference.main}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fleet-services")
+    parser.add_argument("service", choices=sorted(SERVICES))
+    parser.add_argument("-c", "--config", required=True, help="the service's YAML config")
+    args = parser.parse_args(argv)
+    SERVICES[args.service](load_config(args.config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""What every service shares: config loading, per-rpc timers, health, and the serve loop."""
+
+import json
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import yaml
+
+from fleet.services.proto import health_pb2, health_pb2_grpc
+
+
+def load_config(path):
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path}: expected a mapping of config keys")
+    return config
+
+
+class Timers:
+    """Per-rpc call statistics in the shape getMetrics returns: a JSON list, one entry a timer."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stats = {}
+
+    def time(self, name):
+        return _Timing(self, name)
+
+    def record(self, name, seconds):
+        with self._lock:
+            s = self._stats.setdefault(name, {"name": name, "count": 0, "totalMs": 0.0, "maxMs": 0.0})
+            ms = seconds * 1000.0
+            s["count"] += 1
+            s["totalMs"] += ms
+            s["maxMs"] = max(s["maxMs"], ms)
+
+    def to_json(self):
+        with self._lock:
+            rows = [dict(s, meanMs=s["totalMs"] / s["count"]) for s in self._stats.values()]
+        return json.dumps(sorted(rows, key=lambda r: r["name"]))
+
+    def reset(self):
+        with self._lock:
+            self._stats.clear()
+
+
+class _Timing:
+    def __init__(self, timers, name):
+        self.timers, self.name = timers, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timers.record(self.name, time.perf_counter() - self.start)
+
+
+class Health(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: SERVING for "" and for the service's own full name once it is up."""
+
+    def __init__(self, service_names):
+        self._serving = {""} | set(service_names)
+
+    def Check(self, request, context):
+        if request.service not in self._serving:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def serve(config, register, service_names):
+    """Binds servicePort, serves until SIGTERM/SIGINT, then drains for up to 5 s."""
+    port = int(config["servicePort"])
+    address = f"{config.get('bindAddress', '0.0.0.0')}:{port}"
+    workers = int(config.get("modelParallelism", 4)) * 2
+    # so_reuseport off: a second instance on a taken port must fail, not silently share it.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
+    register(server)
+    health_pb2_grpc.add_HealthServicer_to_server(Health(service_names), server)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise SystemExit(f"cannot listen on {address}: {e}")
+    server.start()
+    print(f"serving {', '.join(service_names)} on {address}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    print("stopped", flush=True)

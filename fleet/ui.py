@@ -1,0 +1,146 @@
+"""What the operator sees: live per-host progress, summary tables, diffs. Rich on a terminal,
+plain lines elsewhere (CI logs, pipes)."""
+
+import threading
+
+from rich.console import Console
+from rich.live import Live
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {"ok": "green", "changed": "yellow", "would change": "yellow", "failed": "bold red", "running": "cyan"}
+
+
+def make_console():
+    return Console(highlight=False, soft_wrap=True)
+
+
+def error(message):
+    """The one-line error for bad input, on stderr."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), message))
+
+
+class Progress:
+    """Per-host rows: the step under way, and counts of steps ok / changed / failed so far."""
+
+    def __init__(self, console, hosts):
+        self.console = console
+        self.rows = {h: {"step": "waiting", "ok": 0, "changed": 0, "failed": 0} for h in hosts}
+        self.lock = threading.Lock()
+        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=True) \
+            if console.is_terminal else None
+
+    def __enter__(self):
+        if self.live:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.stop()
+
+    def step(self, host, label, status, detail=""):
+        with self.lock:
+            row = self.rows[host]
+            row["step"] = f"{label} {status}" + (f": {detail}" if detail else "")
+            if status in ("ok", "changed", "failed"):
+                row[status] += 1
+            if self.live:
+                self.live.update(self._table())
+            else:
+                self.console.print(Text.assemble(f"{host:<14} {label:<34} ", (status, STATUS_STYLE.get(status, "")),
+                                                 f"  {detail}" if detail else ""))
+
+    def _table(self):
+        table = Table(box=None, show_header=True, header_style="bold")
+        for column in ("host", "step", "ok", "changed", "failed"):
+            table.add_column(column)
+        for host, row in self.rows.items():
+            table.add_row(host, Text(row["step"]), str(row["ok"]), f"[yellow]{row['changed']}[/]",
+                          f"[red]{row['failed']}[/]" if row["failed"] else "0")
+        return table
+
+
+def summary(console, outcomes, checks):
+    table = Table(title="deploy summary", header_style="bold")
+    for column in ("host", "ok", "changed", "failed", "ports verified", "notes"):
+        table.add_column(column)
+    for outcome in outcomes:
+        counts = outcome.counts()
+        ports = [c for c in outcome.ports]
+        verified = f"{sum(c.ok for c in ports)}/{len(ports)}" if ports else "-"
+        table.add_row(outcome.host, str(counts["ok"]), f"[yellow]{counts['changed']}[/]",
+                      f"[red]{counts['failed']}[/]" if counts["failed"] else "0", verified,
+                      Text(outcome.error or ""))
+    console.print(table)
+    for outcome in outcomes:
+        for check in outcome.ports:
+            if not check.ok:
+                console.print(Text.assemble(("✗ ", "red"), f"{outcome.host}: {check.process} port {check.port}: "
+                                                           f"{check.detail}"))
+        for name, tail in outcome.logs.items():
+            console.print(Text.assemble(("✗ ", "red"), f"{outcome.host}: {name} log (last lines):"))
+            console.print(tail, markup=False)
+    for service, ok, detail in checks:
+        console.print(Text.assemble(("✓ ", "green") if ok else ("✗ ", "red"), f"{service}: {detail}"))
+
+
+def check_report(console, plans, failures):
+    """--check: what a deploy would change, with diffs of rendered files."""
+    for host, plan in plans.items():
+        if not plan.changed:
+            console.print(Text.assemble((host, "green"), ": no changes"))
+            continue
+        console.print(Text.assemble((host, "yellow"), ": would change"))
+        for spec in plan.send:
+            what = "update" if spec.content is not None else "upload"
+            console.print(f"  {what} {spec.path}  ({spec.task})")
+        for proc in plan.restarts:
+            console.print(f"  (re)start {proc.name}: {plan.reasons[proc.name]}")
+        for path, diff in plan.diffs:
+            if diff:
+                console.print(Syntax(diff, "diff", theme="ansi_dark", background_color="default"))
+    for host, reason in failures.items():
+        console.print(Text.assemble((host, "red"), f": {reason}"))
+
+
+def status_report(console, statuses, views):
+    """Processes (dead ones first) with their ports, then Envoy's view of each service's backends."""
+    table = Table(title="processes", header_style="bold")
+    for column in ("host", "process", "state", "pid", "ports"):
+        table.add_column(column)
+    rows = []
+    for status in statuses:
+        if status.error:
+            rows.append((0, status.host, "-", Text("unreachable", "red"), "-", Text(status.error)))
+            continue
+        for name, proc in status.procs.items():
+            alive = proc is not None and proc.alive
+            ports = [c for c in status.ports if c.process == name]
+            port_text = ", ".join(f"{c.port} {'✓' if c.ok else '✗'}" for c in ports)
+            state = "[green]running[/]" if alive else "[red]dead[/]" if proc and proc.pid else "[red]not started[/]"
+            rows.append((1 if alive else 0, status.host, name, state, str(proc.pid) if alive else "-", port_text))
+    for row in sorted(rows, key=lambda r: r[0]):
+        table.add_row(*row[1:])
+    console.print(table)
+    for service, view in views.items():
+        if isinstance(view, str):
+            console.print(Text.assemble(("✗ ", "red"), f"{service} Envoy: {view}"))
+            continue
+        envoy = Table(title=f"{service}: Envoy's view", header_style="bold")
+        for column in ("endpoint", "health", "requests"):
+            envoy.add_column(column)
+        for endpoint in sorted(view, key=lambda e: e.healthy):
+            health = "[green]healthy[/]" if endpoint.healthy else f"[red]{endpoint.health_flags}[/]"
+            envoy.add_row(endpoint.address, health, str(endpoint.rq_total))
+        console.print(envoy)
+
+
+def stop_report(console, outcomes):
+    for outcome in outcomes:
+        if outcome.error:
+            console.print(Text.assemble(("✗ ", "red"), f"{outcome.host}: {outcome.error}"))
+        for label, status in outcome.steps.items():
+            word = {"changed": "stopped", "ok": "was not running", "failed": "FAILED to stop"}[status]
+            console.print(f"{outcome.host}: {label[5:]} {word}")

@@ -1,0 +1,132 @@
+"""Proof that a deploy holds: ports listened on by the right processes, Envoy's view of its
+backends, and a real grpc.health.v1 call through the Envoy listener."""
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from fleet.services.proto import health_pb2, health_pb2_grpc
+
+
+@dataclass(frozen=True)
+class PortCheck:
+    process: str
+    port: int
+    ok: bool
+    detail: str
+
+
+def check_ports(state, report):
+    """Every port of every process must be listened on by that process's recorded pid."""
+    checks = []
+    for proc in state.processes:
+        found = report.procs.get(proc.name)
+        pid = found.pid if found and found.alive else None
+        for port in proc.ports:
+            owners = [l for l in report.listeners if l.port == port]
+            if pid is None:
+                checks.append(PortCheck(proc.name, port, False, f"{proc.name} is not running"))
+            elif any(l.pid == pid for l in owners):
+                program = next(l.program for l in owners if l.pid == pid)
+                checks.append(PortCheck(proc.name, port, True, f"{program} pid {pid}"))
+            elif owners:
+                other = owners[0]
+                checks.append(PortCheck(proc.name, port, False,
+                                        f"port {port} is held by {other.program or '?'} pid {other.pid}, "
+                                        f"not {proc.name} pid {pid}"))
+            else:
+                checks.append(PortCheck(proc.name, port, False, f"nothing listens on port {port}"))
+    return checks
+
+
+def http_get(sock, path):
+    """GET over an open stream (a local socket or an SSH channel); returns the body."""
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if " 200 " not in status + " ":
+        raise OSError(f"admin answered {status!r}")
+    return body.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str  # host:port
+    healthy: bool
+    health_flags: str
+    rq_total: int
+
+
+def parse_clusters(text, cluster):
+    """Endpoints of one cluster from Envoy's /clusters text output."""
+    fields = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == cluster:
+            fields.setdefault(parts[1], {})[parts[2]] = parts[3]
+    # Only hosts carry health_flags; other rows (e.g. circuit breaker priorities) do not.
+    return [Endpoint(address=addr, healthy=f["health_flags"] == "healthy", health_flags=f["health_flags"],
+                     rq_total=int(f.get("rq_total", 0)))
+            for addr, f in sorted(fields.items()) if "health_flags" in f]
+
+
+def envoy_endpoints(connection, admin_port, cluster):
+    return parse_clusters(http_get(connection.open_tcp(admin_port), "/clusters"), cluster)
+
+
+def grpc_health(address, port, service="", timeout=3.0):
+    """Status name of a grpc.health.v1 Check against address:port."""
+    with grpc.insecure_channel(f"{address}:{port}") as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                             timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def wait_until(probe, timeout, interval=0.25):
+    """Calls probe() until it returns (True, detail) or timeout seconds pass; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, detail = probe()
+        if ok or time.monotonic() >= deadline:
+            return ok, detail
+        time.sleep(interval)
+
+
+def check_through_envoy(connection, service, address, cluster, expected_backends, timeout=20.0):
+    """Waits until Envoy sees every backend healthy, then asks grpc.health.v1 through the listener."""
+
+    def endpoints_healthy():
+        try:
+            endpoints = envoy_endpoints(connection, service.ingress.admin_port, cluster)
+        except OSError as e:  # admin not up yet, or the tunnel refused
+            return False, f"Envoy admin not answering: {e}"
+        healthy = [e.address for e in endpoints if e.healthy]
+        missing = sorted(set(expected_backends) - set(healthy))
+        if missing:
+            flags = {e.address: e.health_flags for e in endpoints}
+            return False, "unhealthy in Envoy: " + ", ".join(f"{m} ({flags.get(m, 'absent')})" for m in missing)
+        return True, f"{len(healthy)}/{len(expected_backends)} backends healthy in Envoy"
+
+    ok, detail = wait_until(endpoints_healthy, timeout)
+    if not ok:
+        return False, detail
+
+    def health():
+        try:
+            status = grpc_health(address, service.ingress.port)
+        except grpc.RpcError as e:
+            return False, f"grpc.health.v1 Check through Envoy failed: {e.code().name} {e.details()}"
+        return status == "SERVING", f"grpc.health.v1 through {address}:{service.ingress.port}: {status}"
+
+    ok, health_detail = wait_until(health, 5.0)
+    return ok, f"{detail}; {health_detail}"
