@@ -70,15 +70,16 @@ def compile_services(inventory, services, project):
             for host_name in targets:
                 host = inventory.hosts[host_name]
                 state = states.setdefault(host_name, HostState(host=host))
-                context = role_context(inventory, service, role, host)
+                play_vars = service.vars if play.hosts == "backends" else service.ingress.vars
+                context = role_context(inventory, service, role, host, play_vars)
                 _apply_role(state, role, service, context, project.renderer, base_dir)
     return states
 
 
-def role_context(inventory, service, role, host):
+def role_context(inventory, service, role, host, play_vars):
     backend_port = next((b.port for b in service.backends if b.host == host.name), service.port)
     context = dict(role.defaults)
-    context.update(service.vars)
+    context.update(play_vars)
     context.update(
         service=service.name,
         host=host,

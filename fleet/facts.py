@@ -88,9 +88,9 @@ def parse_listeners(lines):
     """TCP listeners from `netstat -tnlp` or `ss -tnlp` output."""
     found = []
     for line in lines:
-        cols = line.split()
-        if len(cols) >= 7 and cols[0] in ("tcp", "tcp6") and cols[5] == "LISTEN":
-            pid, _, program = cols[6].partition("/")
+        cols = line.split(None, 6)  # the program name (last column) may hold spaces
+        if len(cols) == 7 and cols[0] in ("tcp", "tcp6") and cols[5] == "LISTEN":
+            pid, _, program = cols[6].strip().partition("/")
             found.append(Listener(port=_port(cols[3]), address=cols[3].rsplit(":", 1)[0],
                                   pid=int(pid) if pid.isdigit() else None, program=program))
         elif len(cols) >= 5 and cols[0] == "LISTEN":

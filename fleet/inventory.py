@@ -23,7 +23,7 @@ HOST_DEFAULTS = {
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars"}
 BACKEND_KEYS = {"host", "port"}
-INGRESS_KEYS = {"host", "port", "admin_port", "listen_address"}
+INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
 INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
 TOP_KEYS = {"defaults", "hosts", "services"}
 
@@ -53,6 +53,7 @@ class Ingress:
     port: int
     admin_port: int
     listen_address: str
+    vars: dict = field(default_factory=dict, compare=False)  # for the envoy role
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Service:
     port: int
     backends: tuple
     ingress: Ingress
-    vars: dict = field(default_factory=dict, compare=False)
+    vars: dict = field(default_factory=dict, compare=False)  # for the service's own role
 
     def hosts(self):
         """Every host the service runs on, backends first, each once."""
@@ -189,9 +190,11 @@ def _service(source, name, spec, hosts, known_roles):
     values = dict(INGRESS_DEFAULTS, **ingress_spec)
     _defined_host(source, ikeys + ("host",), values["host"], hosts)
     _string(source, ikeys + ("listen_address",), values["listen_address"])
+    ingress_vars = values.get("vars", {})
+    _mapping(source, ikeys + ("vars",), ingress_vars)
     ingress = Ingress(host=values["host"], port=_port(source, ikeys + ("port",), values["port"]),
                       admin_port=_port(source, ikeys + ("admin_port",), values["admin_port"]),
-                      listen_address=values["listen_address"])
+                      listen_address=values["listen_address"], vars=ingress_vars)
     service_vars = spec.get("vars", {})
     _mapping(source, keys + ("vars",), service_vars)
     return Service(name=name, role=role, port=port, backends=tuple(backends), ingress=ingress, vars=service_vars)

@@ -1,12 +1,15 @@
 """`envoy --mode validate` on the controller, before any config is sent anywhere."""
 
 import os
+import re
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from fleet import artifacts
 from fleet.errors import UsageError
+
+_LOG_PREFIX = re.compile(r"^(\[[^\]]*\])+ (\[[^\]]*\] )?")
 
 
 def validate_envoy_configs(states, envoy_binary=None):
@@ -36,4 +39,5 @@ def _validate(binary, text):
     if proc.returncode == 0:
         return None
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
-    return lines[-1] if lines else f"exit code {proc.returncode}"
+    # Drop Envoy's "[time][thread][level][logger] [source:line] " prefix: the reason is what matters.
+    return _LOG_PREFIX.sub("", lines[-1]) if lines else f"exit code {proc.returncode}"

@@ -1,0 +1,202 @@
+"""Real SSH hosts on this machine, for tests and benchmarks: one network namespace per host,
+joined by a bridge, each running its own sshd with a private /srv (see
+../shared/reference/test-hosts.md). Only addresses created here are ever used, and everything is
+removed by the names it was created with."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+SUBNET_BASE = "10.213"  # 10.213.<lab>.0/24, a subnet that exists only inside this machine
+
+
+class LabError(RuntimeError):
+    """Creating the hosts failed: the caller must stop, never fall back to other addresses."""
+
+
+@dataclass
+class LabHost:
+    name: str
+    namespace: str
+    address: str
+    srv: str  # the host's private /srv, as seen from the controller
+    sshd: subprocess.Popen = None
+
+
+def _run(*cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"{' '.join(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+class HostLab:
+    def __init__(self, count, lab_id=None, max_startups="200:30:400"):
+        self.lab_id = lab_id if lab_id is not None else os.getpid() % 200 + 20
+        self.tag = f"fl{self.lab_id}"
+        self.count = count
+        self.max_startups = max_startups
+        self.dir = tempfile.mkdtemp(prefix=f"fleet-lab-{self.tag}-")
+        self.bridge = f"{self.tag}br"
+        self.gateway = f"{SUBNET_BASE}.{self.lab_id}.1"
+        self.hosts = []
+        self.client_key = os.path.join(self.dir, "id_ed25519")
+        self.known_hosts = os.path.join(self.dir, "known_hosts")
+        self.host_key_files = {}
+
+    # -- setup -------------------------------------------------------------------------------
+    def __enter__(self):
+        try:
+            self.create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def create(self):
+        if not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"):
+            raise LabError("sshd not installed (Debian package openssh-server)")
+        if self.count > 250:
+            raise LabError("at most 250 hosts per lab")
+        os.makedirs("/run/sshd", exist_ok=True)
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key)
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _run("ip", "link", "set", self.bridge, "up")
+        for i in range(self.count):
+            self.hosts.append(self._create_host(i))
+        self._write_known_hosts()
+        for host in self.hosts:
+            self._start_sshd(host)
+        self.wait_ready()
+
+    def _create_host(self, i):
+        namespace = f"{self.tag}h{i}"
+        veth = f"{self.tag}v{i}"
+        address = f"{SUBNET_BASE}.{self.lab_id}.{10 + i}"
+        _run("ip", "netns", "add", namespace)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
+        _run("ip", "link", "set", f"{veth}p", "netns", namespace)
+        _run("ip", "link", "set", veth, "master", self.bridge)
+        _run("ip", "link", "set", veth, "up")
+        _run("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
+        _run("ip", "netns", "exec", namespace, "ip", "link", "set", f"{veth}p", "name", "eth0")
+        _run("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+        _run("ip", "netns", "exec", namespace, "ip", "link", "set", "eth0", "up")
+        srv = os.path.join(self.dir, namespace, "srv")
+        os.makedirs(srv)
+        host = LabHost(name=f"h{i}", namespace=namespace, address=address, srv=srv)
+        key = os.path.join(self.dir, namespace, "ssh_host_ed25519_key")
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        self.host_key_files[host.name] = key
+        return host
+
+    def _sshd_config(self, host):
+        path = os.path.join(self.dir, host.namespace, "sshd_config")
+        with open(path, "w") as f:
+            f.write(f"""ListenAddress {host.address}
+Port 22
+HostKey {self.host_key_files[host.name]}
+PidFile {os.path.join(self.dir, host.namespace, 'sshd.pid')}
+AuthorizedKeysFile {self.client_key}.pub
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+MaxStartups {self.max_startups}
+MaxSessions 100
+AllowTcpForwarding yes
+Subsystem sftp internal-sftp
+""")
+        return path
+
+    def _start_sshd(self, host):
+        config = self._sshd_config(host)
+        # A private mount namespace per host, with its own directory over /srv: what fleet puts
+        # under /srv on one host is invisible to the others, as on separate machines.
+        script = f"mount --bind {host.srv} /srv && exec /usr/sbin/sshd -D -e -f {config}"
+        log = open(os.path.join(self.dir, host.namespace, "sshd.log"), "w")
+        host.sshd = subprocess.Popen(["ip", "netns", "exec", host.namespace, "unshare", "-m", "--propagation",
+                                      "private", "sh", "-c", script], stdout=log, stderr=log,
+                                     start_new_session=True)
+
+    def _write_known_hosts(self):
+        with open(self.known_hosts, "w") as f:
+            for host in self.hosts:
+                with open(self.host_key_files[host.name] + ".pub") as pub:
+                    kind, key = pub.read().split()[:2]
+                f.write(f"{host.address} {kind} {key}\n")
+
+    def wait_ready(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        for host in self.hosts:
+            while True:
+                if host.sshd.poll() is not None:
+                    raise LabError(f"sshd on {host.name} exited: see {self.dir}/{host.namespace}/sshd.log")
+                try:
+                    with socket.create_connection((host.address, 22), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise LabError(f"sshd on {host.name} ({host.address}) did not come up")
+                    time.sleep(0.05)
+
+    # -- use ---------------------------------------------------------------------------------
+    def host(self, name):
+        return next(h for h in self.hosts if h.name == name)
+
+    def exec(self, name, *cmd, check=True):
+        """Runs a command inside a host's network namespace (for tests: kill, inspect)."""
+        proc = subprocess.run(["ip", "netns", "exec", self.host(name).namespace, *cmd], capture_output=True,
+                              text=True)
+        if check and proc.returncode != 0:
+            raise LabError(f"{cmd} on {name}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def stop_sshd(self, name):
+        host = self.host(name)
+        os.killpg(host.sshd.pid, signal.SIGTERM)
+        host.sshd.wait(timeout=10)
+
+    def start_sshd(self, name):
+        host = self.host(name)
+        self._start_sshd(host)
+        self.wait_ready()
+
+    def inventory_hosts(self, root="/srv/fleet"):
+        """The `hosts:` mapping of an inventory for these hosts. The hosts share this machine's
+        filesystem, so the interpreter running the tests (with grpcio) is their Python too."""
+        return {h.name: {"address": h.address, "key": self.client_key, "known_hosts": self.known_hosts,
+                         "root": root, "python": sys.executable} for h in self.hosts}
+
+    # -- teardown ----------------------------------------------------------------------------
+    def destroy(self):
+        for host in self.hosts:
+            # Everything started inside the namespace: sshd and what fleet started through it.
+            pids = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout
+            for pid in pids.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if host.sshd:
+                try:
+                    host.sshd.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        for host in self.hosts:
+            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+        for i in range(self.count):
+            subprocess.run(["ip", "link", "del", f"{self.tag}v{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,166 @@
+"""`fleet deploy inference` end to end on real SSH hosts (network namespaces running sshd),
+with the real Envoy and real gRPC calls through it."""
+
+import json
+import os
+import re
+
+import grpc
+import pytest
+
+from fleet.services import model
+from fleet.services.inference import encode_instances
+from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
+from tests.conftest import run_fleet, write_inventory
+from tests.hostlab import HostLab
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with HostLab(2) as lab:  # creation failures raise: the tests stop, nothing else is contacted
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def inventory(lab, tmp_path_factory):
+    data = {"hosts": lab.inventory_hosts(), "services": {"inference": {
+        "port": 7073, "backends": ["h0", "h1"],
+        "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
+    return write_inventory(tmp_path_factory.mktemp("inv"), data)
+
+
+def listeners(lab, host):
+    """(port, program) pairs from netstat run directly in the host's namespace, not through fleet."""
+    out = lab.exec(host, "netstat", "-tnlp")
+    return {(int(m.group(1)), m.group(2)) for m in re.finditer(r":(\d+)\s+\S+\s+LISTEN\s+\d+/(\S+)", out)}
+
+
+def admin_clusters(lab):
+    out = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+                   "'http://127.0.0.1:9090/clusters').read().decode())")
+    stats = {}
+    for line in out.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "inference_service" and parts[2] in ("rq_total", "health_flags"):
+            stats.setdefault(parts[1], {})[parts[2]] = parts[3]
+    return stats
+
+
+def pids(lab):
+    return {h.name: sorted(open(p).read().strip() for p in _pidfiles(h.srv)) for h in lab.hosts}
+
+
+def _pidfiles(srv):
+    run = os.path.join(srv, "fleet", "run")
+    return [os.path.join(run, f) for f in os.listdir(run) if f.endswith(".pid")] if os.path.isdir(run) else []
+
+
+def test_cold_deploy_starts_backends_and_envoy(lab, inventory):
+    result = run_fleet("deploy", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2/2 backends healthy in Envoy" in result.stdout
+    assert "grpc.health.v1 through 10.213." in result.stdout and "SERVING" in result.stdout
+    assert {(7073, "python3"), (8083, "envoy"), (9090, "envoy")} <= listeners(lab, "h0")
+    assert (7073, "python3") in listeners(lab, "h1")
+    assert not any(port in (8083, 9090) for port, _ in listeners(lab, "h1"))
+    # The admin interface is bound to loopback only.
+    assert "127.0.0.1:9090" in lab.exec("h0", "netstat", "-tnlp")
+
+
+def test_grpc_through_envoy_reaches_both_backends(lab, inventory):
+    before = admin_clusters(lab)
+    rows = [[0.05 * i] * 8 for i in range(10)]
+    expected = [model.RankingModel(model.generate()).score(r) for r in rows]
+    with grpc.insecure_channel(f"{lab.host('h0').address}:8083") as channel:
+        stub = ranking_pb2_grpc.RankingStub(channel)
+        for _ in range(20):
+            reply = stub.doPredict(ranking_pb2.Content(encodedStr=encode_instances(rows)), timeout=10)
+            assert json.loads(reply.predictStr) == pytest.approx(expected, abs=1e-12)
+    after = admin_clusters(lab)
+    for host in lab.hosts:
+        endpoint = f"{host.address}:7073"
+        assert after[endpoint]["health_flags"] == "healthy"
+        served = int(after[endpoint]["rq_total"]) - int(before[endpoint]["rq_total"])
+        assert served >= 5, f"{endpoint} served {served} of 20 calls"
+
+
+def test_second_deploy_changes_nothing_and_says_so(lab, inventory):
+    before = pids(lab)
+    result = run_fleet("deploy", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no changes" in result.stdout
+    assert not re.search(r"^h\d .* changed$", result.stdout, re.M)  # no step reported as changed
+    assert re.search(r"│ h0 +│ 6 +│ 0 +│ 0 +│ 3/3", result.stdout)
+    assert pids(lab) == before
+
+
+def test_check_shows_the_diff_and_touches_nothing(lab, inventory, tmp_path):
+    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+                                             "        health_check_interval: 3s")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(changed)
+    cds = os.path.join(lab.host("h0").srv, "fleet", "envoy", "inference", "cds.yaml")
+    before = open(cds).read()
+    result = run_fleet("deploy", "inference", "--check", "-i", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^-\s+interval: 2s$", result.stdout, re.M) and re.search(r"^\+\s+interval: 3s$", result.stdout, re.M)
+    assert "h1: no changes" in result.stdout
+    assert open(cds).read() == before
+
+
+def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
+    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+                                             "        health_check_interval: 3s")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(changed)
+    envoy_pid = open(os.path.join(lab.host("h0").srv, "fleet", "run", "envoy-inference.pid")).read()
+    result = run_fleet("deploy", "inference", "-i", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "inference.envoy.config             changed" in result.stdout
+    assert open(os.path.join(lab.host("h0").srv, "fleet", "run", "envoy-inference.pid")).read() == envoy_pid
+    dump = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+                    "'http://127.0.0.1:9090/config_dump?resource=dynamic_active_clusters').read().decode())")
+    assert '"interval": "3s"' in dump
+    assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0  # back to the module's inventory
+
+
+def test_status_shows_processes_and_envoy_view(lab, inventory):
+    result = run_fleet("status", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("running") == 3
+    for host in lab.hosts:
+        assert re.search(rf"{re.escape(host.address)}:7073 +│ healthy", result.stdout)
+
+
+def test_limit_touches_only_the_named_host(lab, inventory):
+    for host in ("h0", "h1"):
+        lab.exec(host, "sh", "-c", "kill $(cat /srv/fleet/run/inference.pid)".replace("/srv", lab.host(host).srv))
+    result = run_fleet("deploy", "inference", "--limit", "h1", "-i", inventory)
+    assert "inference.inference.process        changed" in result.stdout
+    assert "h0 " not in result.stdout.replace("h0:", "")
+    assert (7073, "python3") in listeners(lab, "h1")
+    assert (7073, "python3") not in listeners(lab, "h0")
+    result = run_fleet("deploy", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (7073, "python3") in listeners(lab, "h0")
+
+
+def test_unknown_host_key_is_refused(lab, inventory, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    text = open(inventory).read().replace(lab.known_hosts, str(empty))
+    path = tmp_path / "inventory.yaml"
+    path.write_text(text)
+    result = run_fleet("status", "inference", "-i", str(path))
+    assert result.returncode == 1
+    assert "unknown host key" in result.stdout
+
+
+def test_stop_stops_everything(lab, inventory):
+    result = run_fleet("stop", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "h0: envoy-inference stopped" in result.stdout
+    for host in ("h0", "h1"):
+        assert not {p for p, _ in listeners(lab, host)} & {7073, 8083, 9090}
+    result = run_fleet("status", "inference", "-i", inventory)
+    assert result.returncode == 1 and result.stdout.count("not started") == 3

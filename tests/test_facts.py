@@ -1,0 +1,89 @@
+"""Parsing host reports, netstat and ss listener tables, and Envoy's /clusters output."""
+
+import base64
+
+from fleet import facts, verify
+from fleet.desired import HostState, ProcessSpec
+
+NETSTAT = """\
+Active Internet connections (only servers)
+Proto Recv-Q Send-Q Local Address           Foreign Address         State       PID/Program name
+tcp        0      0 10.213.56.10:22         0.0.0.0:*               LISTEN      6102/sshd: /usr/sbi
+tcp        0      0 0.0.0.0:8083            0.0.0.0:*               LISTEN      6667/envoy
+tcp        0      0 127.0.0.1:9090          0.0.0.0:*               LISTEN      6667/envoy
+tcp6       0      0 :::7073                 :::*                    LISTEN      6659/python3
+"""
+
+SS = """\
+State  Recv-Q Send-Q Local Address:Port  Peer Address:PortProcess
+LISTEN 0      4096         0.0.0.0:8083       0.0.0.0:*    users:(("envoy",pid=6667,fd=30))
+LISTEN 0      4096               *:7073             *:*    users:(("python3",pid=6659,fd=9))
+"""
+
+
+def test_netstat_listeners():
+    found = facts.parse_listeners(NETSTAT.splitlines())
+    assert [(l.port, l.pid, l.program) for l in found] == [
+        (22, 6102, "sshd: /usr/sbi"), (8083, 6667, "envoy"), (9090, 6667, "envoy"), (7073, 6659, "python3")]
+
+
+def test_ss_listeners():
+    found = facts.parse_listeners(SS.splitlines())
+    assert [(l.port, l.pid, l.program) for l in found] == [(8083, 6667, "envoy"), (7073, 6659, "python3")]
+
+
+def test_report_round_trip():
+    content = b"servicePort: 7073\n"
+    text = "\n".join([
+        "noise from a login shell",
+        "@@file present /srv/a/envoy",
+        "@@file absent /srv/a/x.pyz",
+        "@@content /srv/a/config.yaml", base64.b64encode(content).decode(), "@@end",
+        "@@proc inference 6659 1 abcd",
+        "@@proc envoy-inference - 0 -",
+        "@@step inference.inference.config changed",
+        "@@fail inference exited before listening",
+        "@@log inference", "Traceback ...", "OSError: boom", "@@end",
+        "@@netstat", *NETSTAT.splitlines(), "@@end",
+    ])
+    report = facts.parse(text)
+    assert report.present == {"/srv/a/envoy": True, "/srv/a/x.pyz": False, "/srv/a/config.yaml": True}
+    assert report.contents["/srv/a/config.yaml"] == content
+    assert report.procs["inference"] == facts.ProcState("inference", 6659, True, "abcd")
+    assert report.procs["envoy-inference"] == facts.ProcState("envoy-inference", None, False, None)
+    assert report.steps == [("inference.inference.config", "changed")]
+    assert report.failures == [("inference", "exited before listening")]
+    assert report.logs["inference"] == "Traceback ...\nOSError: boom"
+    assert len(report.listeners) == 4
+
+
+def test_port_checks_want_the_recorded_pid():
+    state = HostState(host=None, processes=[
+        ProcessSpec("inference", "t", "cmd", "fp", (7073,), 20),
+        ProcessSpec("envoy-inference", "t", "cmd", "fp", (8083, 9090), 20),
+    ])
+    report = facts.parse("\n".join(["@@proc inference 6659 1 fp", "@@proc envoy-inference 7000 1 fp",
+                                    "@@netstat", *NETSTAT.splitlines(), "@@end"]))
+    checks = {(c.process, c.port): c for c in verify.check_ports(state, report)}
+    assert checks[("inference", 7073)].ok
+    bad = checks[("envoy-inference", 8083)]
+    assert not bad.ok and "held by envoy pid 6667, not envoy-inference pid 7000" in bad.detail
+
+
+CLUSTERS = """\
+inference_service::observability_name::inference_service
+inference_service::default_priority::max_connections::1024
+inference_service::10.213.56.10:7073::cx_active::1
+inference_service::10.213.56.10:7073::rq_total::12
+inference_service::10.213.56.10:7073::health_flags::healthy
+inference_service::10.213.56.11:7073::rq_total::11
+inference_service::10.213.56.11:7073::health_flags::/failed_active_hc
+other::10.0.0.1:1::health_flags::healthy
+"""
+
+
+def test_envoy_clusters_view():
+    endpoints = verify.parse_clusters(CLUSTERS, "inference_service")
+    assert [(e.address, e.healthy, e.rq_total) for e in endpoints] == [
+        ("10.213.56.10:7073", True, 12), ("10.213.56.11:7073", False, 11)]
+    assert endpoints[1].health_flags == "/failed_active_hc"
