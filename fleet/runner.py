@@ -42,10 +42,14 @@ class Session:
         self.options = options
         self.connections = {}
 
-    def connect(self, host):
-        conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
+    def try_connect(self, host):
+        """(connection, None), or (None, the one-line reason the host could not be reached)."""
+        try:
+            conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
+        except connection.ConnectFailed as e:
+            return None, str(e)
         self.connections[host.name] = conn
-        return conn
+        return conn, None
 
     def close(self):
         for conn in self.connections.values():
@@ -79,11 +83,9 @@ def _deploy_host(session, state, txid, options, progress):
     name = state.host.name
     outcome = HostOutcome(host=name)
     progress.step(name, "connect", "running")
-    try:
-        conn = session.connect(state.host)
-    except connection.ConnectFailed as e:
-        outcome.error = str(e)
-        progress.step(name, "connect", "failed", str(e))
+    conn, outcome.error = session.try_connect(state.host)
+    if conn is None:
+        progress.step(name, "connect", "failed", outcome.error)
         return outcome
     progress.step(name, "facts", "running")
     result = conn.run(commands.facts(state))
@@ -159,23 +161,28 @@ class HostStatus:
     error: str | None = None
 
 
+def _on_each_host(session, states, result_type, work):
+    """Connects to every host in parallel and calls work(conn, state, result) where that worked."""
+    def one(state):
+        result = result_type(host=state.host.name)
+        conn, result.error = session.try_connect(state.host)
+        if conn is not None:
+            work(conn, state, result)
+        return result
+
+    return parallel(list(states.values()), one)
+
+
 def status(states, services, inventory, options):
     """Process state and listeners per host, and Envoy's view of each service's endpoints."""
     session = Session(options)
     try:
-        def host_status(state):
-            result = HostStatus(host=state.host.name)
-            try:
-                conn = session.connect(state.host)
-            except connection.ConnectFailed as e:
-                result.error = str(e)
-                return result
+        def host_status(conn, state, result):
             report = facts.parse(conn.run(commands.facts(state)).output)
             result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
             result.ports = verify.check_ports(state, report)
-            return result
 
-        statuses = parallel(list(states.values()), host_status)
+        statuses = _on_each_host(session, states, HostStatus, host_status)
         views = {}
         for service in services:
             conn = session.connections.get(service.ingress.host)
@@ -193,13 +200,7 @@ def stop(states, options):
     """Stops every process fleet started for these states, Envoy before the backends it fronts."""
     session = Session(options)
     try:
-        def stop_host(state):
-            outcome = HostOutcome(host=state.host.name)
-            try:
-                conn = session.connect(state.host)
-            except connection.ConnectFailed as e:
-                outcome.error = str(e)
-                return outcome
+        def stop_host(conn, state, outcome):
             names = [p.name for p in reversed(state.processes)]
             result = conn.run(commands.stop(state.host.root, names))
             report = facts.parse(result.output)
@@ -208,8 +209,7 @@ def stop(states, options):
                     "ok" if name in report.not_running else "failed"
             if result.exit_code != 0:
                 outcome.error = f"stop failed (exit {result.exit_code}): {_last_line(result.output)}"
-            return outcome
 
-        return parallel(list(states.values()), stop_host)
+        return _on_each_host(session, states, HostOutcome, stop_host)
     finally:
         session.close()
