@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fleet import desired, inventory, render, roles, runner, ui, validate
+from fleet import desired, inventory, render, roles, runner, ui, validate, verify
 from fleet.errors import UsageError
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
@@ -18,6 +18,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+ALL = "all"
+
+
 def build_parser():
     parser = _Parser(prog="fleet", description="Deploy the gRPC serving stack behind Envoy over SSH.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,12 +30,18 @@ def build_parser():
     common.add_argument("-l", "--limit", help="only these hosts (comma-separated names)")
     common.add_argument("--accept-new-host-keys", action="store_true",
                         help="trust and record host keys of hosts not yet in known_hosts (never a changed key)")
-    deploy = sub.add_parser("deploy", parents=[common], help="deploy a service and prove it answers through Envoy")
-    deploy.add_argument("service")
+    service_help = f"a service of the inventory, or '{ALL}'"
+    deploy = sub.add_parser("deploy", parents=[common], help="deploy and prove it answers through Envoy")
+    deploy.add_argument("service", help=service_help + " (in dependency order)")
     deploy.add_argument("-C", "--check", action="store_true", help="show what would change, touch nothing")
-    for name, help_text in (("status", "process, port and Envoy endpoint state of a service"),
-                            ("stop", "stop a service's Envoy and backends")):
-        sub.add_parser(name, parents=[common], help=help_text).add_argument("service")
+    for name, help_text in (("status", "process, port and Envoy endpoint state"),
+                            ("stop", "stop Envoy, then the backends")):
+        sub.add_parser(name, parents=[common], help=help_text).add_argument("service", help=service_help)
+    smoke = sub.add_parser("smoke", parents=[common], help="ask the recommender for recommendations through Envoy")
+    smoke.add_argument("--service", default="recommender", help="the recommender service (default: recommender)")
+    smoke.add_argument("--users", default="0,1,2", help="user IDs, comma-separated (default: 0,1,2)")
+    smoke.add_argument("--num", type=int, default=5, help="recommendNum (default: 5)")
+    smoke.add_argument("--candidates", type=int, default=50, help="candidateNum (default: 50)")
     return parser
 
 
@@ -49,19 +58,22 @@ def main(argv=None):
         return 130
 
 
-def load(args):
-    """Inventory, roles and desired state for the command's service; raises UsageError on bad input."""
+def load(args, service=None):
+    """Project, inventory, the services named (default: the command's) and the --limit hosts."""
     home = roles.project_dir()
     project = desired.Project(roles=roles.load_roles(os.path.join(home, "roles")),
                               playbook=roles.load_playbook(os.path.join(home, "playbooks", "deploy.yaml")),
                               renderer=render.Renderer(os.path.join(home, "templates")))
     path = args.inventory or os.environ.get("FLEET_INVENTORY") or os.path.join(home, DEFAULT_INVENTORY)
     inv = inventory.load(path, set(project.roles))
-    services = [inv.service(args.service)]
-    limit = inv.limit(args.limit)
-    states = {name: state for name, state in desired.compile_services(inv, services, project).items()
-              if name in limit}
-    return inv, services, states
+    service = service or args.service
+    services = list(inv.services.values()) if service == ALL else [inv.service(service)]
+    return project, inv, services, inv.limit(args.limit)
+
+
+def host_states(project, inv, services, limit):
+    return {name: state for name, state in desired.compile_services(inv, services, project).items()
+            if name in limit}
 
 
 def options(args, check=False):
@@ -69,36 +81,65 @@ def options(args, check=False):
 
 
 def cmd_deploy(args, console):
-    inv, services, states = load(args)
-    validate.validate_envoy_configs(states)
-    outcomes, checks = runner.deploy(states, services, inv, options(args, args.check), console)
-    if args.check:
-        ui.check_report(console, {o.host: o.plan for o in outcomes if o.plan},
-                        {o.host: o.error for o in outcomes if o.error})
-        return EXIT_OK if all(o.error is None for o in outcomes) else EXIT_FAILED
-    ui.summary(console, outcomes, checks)
-    ok = all(o.ok for o in outcomes) and all(c[1] for c in checks)
-    if ok and not any(o.counts()["changed"] for o in outcomes):
+    project, inv, services, limit = load(args)
+    waves = [(wave, host_states(project, inv, wave, limit)) for wave in desired.deploy_order(inv, services, project)]
+    for _, states in waves:  # every config is checked before any host is touched
+        validate.validate_envoy_configs(states)
+    ok, changed = True, False
+    for number, (wave, states) in enumerate(waves, 1):
+        if len(waves) > 1:
+            console.print(f"[bold]wave {number}/{len(waves)}[/]: {', '.join(s.name for s in wave)}")
+        outcomes, checks = runner.deploy(states, wave, inv, options(args, args.check), console)
+        if args.check:
+            ui.check_report(console, {o.host: o.plan for o in outcomes if o.plan},
+                            {o.host: o.error for o in outcomes if o.error})
+            ok = ok and all(o.error is None for o in outcomes)
+            continue
+        ui.summary(console, outcomes, checks)
+        ok = all(o.ok for o in outcomes) and all(c[1] for c in checks)
+        changed = changed or any(o.counts()["changed"] for o in outcomes)
+        if not ok:
+            if number < len(waves):
+                ui.error(f"stopped after wave {number}: later services depend on "
+                         f"{', '.join(s.name for s in wave)}")
+            return EXIT_FAILED
+    if ok and not changed and not args.check:
         console.print("[green]no changes[/]: every host already matched the inventory")
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_status(args, console):
-    inv, services, states = load(args)
-    statuses, views = runner.status(states, services, inv, options(args))
+    project, inv, services, limit = load(args)
+    statuses, views = runner.status(host_states(project, inv, services, limit), services, inv, options(args))
     ui.status_report(console, statuses, views)
     healthy = all(s.error is None and all(p.ok for p in s.ports) for s in statuses)
     return EXIT_OK if healthy else EXIT_FAILED
 
 
 def cmd_stop(args, console):
-    inv, services, states = load(args)
-    outcomes = runner.stop(states, options(args))
+    project, inv, services, limit = load(args)
+    outcomes = runner.stop(host_states(project, inv, services, limit), options(args))
     ui.stop_report(console, outcomes)
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 
 
-COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop}
+def cmd_smoke(args, console):
+    _, inv, (service,), _ = load(args)
+    try:
+        users = [int(u) for u in args.users.split(",") if u.strip()]
+    except ValueError:
+        raise UsageError(f"--users takes comma-separated integer IDs, not {args.users!r}") from None
+    address = f"{inv.ingress_address(service)}:{service.ingress.port}"
+    try:
+        answers = verify.recommend(address, users, args.num, args.candidates)
+    except verify.RecommendFailed as e:
+        ui.error(f"getRecommendIDs through {address}: {e}")
+        return EXIT_FAILED
+    ui.recommendations(console, address, users, answers)
+    return EXIT_OK
+
+
+COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "smoke": cmd_smoke}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,12 +79,14 @@ def compile_services(inventory, services, project):
 def role_context(inventory, service, role, host, play_vars):
     backend_port = next((b.port for b in service.backends if b.host == host.name), service.port)
     context = dict(role.defaults)
+    context.update(host.vars)
     context.update(play_vars)
     context.update(
         service=service.name,
         host=host,
         port=backend_port,
         ingress=service.ingress,
+        services=inventory.urls(),
         backends=[{"host": b.host, "address": inventory.hosts[b.host].address, "port": b.port}
                   for b in service.backends],
     )
@@ -114,10 +116,22 @@ def _apply_role(state, role, service, context, renderer, base_dir):
             _process(state, label, task, args, task_files, where)
             state.tasks.append(label)
             continue
-        state.files.extend(files)
+        _add_files(state, files)
         state.tasks.append(label)
         task_files[task.name] = restart_files
         context[f"{task.name}_path"] = files[-1].path
+
+
+def _add_files(state, files):
+    """Several services on one host share files (the Envoy binary, the services artifact):
+    each path is sent once; two different contents for one path is an error."""
+    known = {f.path: f for f in state.files}
+    for spec in files:
+        if spec.path not in known:
+            state.files.append(spec)
+        elif known[spec.path].sha256 != spec.sha256:
+            raise UsageError(f"two tasks write different contents to {spec.path} on {state.host.name}: "
+                             f"{known[spec.path].task} and {spec.task}")
 
 
 def _process(state, label, task, args, task_files, where):
@@ -174,3 +188,28 @@ def _yaml(text, name):
 def _dump(data):
     return ("# Rendered by fleet; changes here are overwritten on deploy.\n"
             + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)).encode()
+
+
+def deploy_order(inventory, services, project):
+    """Waves of services: each wave depends only on earlier ones (role variable `depends_on`).
+    Dependencies outside `services` are taken as already deployed."""
+    names = [s.name for s in services]
+    needs = {}
+    for service in services:
+        role = project.roles[service.role]
+        context = role_context(inventory, service, role, inventory.hosts[service.backends[0].host], service.vars)
+        depends = project.renderer.value(context.get("depends_on", []), context, f"roles/{role.name}/defaults.yaml")
+        for dep in depends:
+            if dep not in inventory.services:
+                raise UsageError(f"{service.name} depends on {dep!r}, which the inventory does not define",
+                                 path=inventory.path, key=f"services.{service.name}")
+        needs[service.name] = {d for d in depends if d in names}
+    waves, placed = [], set()
+    while len(placed) < len(names):
+        wave = [n for n in names if n not in placed and needs[n] <= placed]
+        if not wave:
+            cycle = sorted(set(names) - placed)
+            raise UsageError(f"services depend on each other in a cycle: {', '.join(cycle)}", path=inventory.path)
+        waves.append([inventory.services[n] for n in wave])
+        placed.update(wave)
+    return waves

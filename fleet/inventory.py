@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fleet import yamlsource
 from fleet.errors import UsageError
 
-HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python"}
+HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars"}
 HOST_DEFAULTS = {
     "connection": "ssh",
     "user": "root",
@@ -19,6 +19,7 @@ HOST_DEFAULTS = {
     "known_hosts": "~/.ssh/known_hosts",
     "root": "/opt/fleet",
     "python": None,  # python3 on ssh hosts; this interpreter for the local connection
+    "vars": {},
 }
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars"}
@@ -39,6 +40,7 @@ class Host:
     known_hosts: str
     root: str
     python: str
+    vars: dict = field(default_factory=dict, compare=False)  # for every role on this host
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ class Inventory:
             raise UsageError(f"unknown service {name!r} (the inventory defines: {known})", path=self.path,
                              key="services")
         return self.services[name]
+
+    def ingress_address(self, service):
+        """Where clients reach the service's Envoy listener."""
+        listen = service.ingress.listen_address
+        return self.hosts[service.ingress.host].address if listen in ("0.0.0.0", "::") else listen
+
+    def urls(self):
+        """service name -> "address:port" of its Envoy listener, for service configs."""
+        return {name: f"{self.ingress_address(s)}:{s.ingress.port}" for name, s in self.services.items()}
 
     def limit(self, spec):
         """Host names selected by --limit (comma-separated names), or all hosts."""
@@ -137,6 +148,7 @@ def _host(source, name, spec, defaults, base):
     _port(source, keys + ("port",), values["port"])
     if values["key"] is not None:
         _string(source, keys + ("key",), values["key"])
+    _mapping(source, keys + ("vars",), values["vars"])
 
     def local_path(p):
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
@@ -148,7 +160,8 @@ def _host(source, name, spec, defaults, base):
         raise source.error(keys + ("root",), "must be an absolute path on the host")
     return Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
                 port=values["port"], key=local_path(values["key"]) if values["key"] else None,
-                known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"])
+                known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"],
+                vars=values["vars"])
 
 
 def _service(source, name, spec, hosts, known_roles):

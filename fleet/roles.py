@@ -42,16 +42,27 @@ def project_dir():
 def load_roles(roles_dir):
     if not os.path.isdir(roles_dir):
         raise UsageError("roles directory not found (set FLEET_HOME to the fleet checkout)", path=roles_dir)
-    return {name: _load_role(roles_dir, name) for name in sorted(os.listdir(roles_dir))
-            if os.path.isdir(os.path.join(roles_dir, name))}
+    names = sorted(n for n in os.listdir(roles_dir) if os.path.isdir(os.path.join(roles_dir, n)))
+    return {name: _load_role(roles_dir, name, ()) for name in names}
 
 
-def _load_role(roles_dir, name):
+def _load_role(roles_dir, name, including):
+    """A role's tasks.yaml is a task list, or `include: OTHER` to take OTHER's tasks and defaults
+    (its own defaults.yaml then adds to and overrides OTHER's)."""
+    if name in including:
+        raise UsageError(f"roles include each other: {' -> '.join(including + (name,))}", path=roles_dir)
+    if not os.path.isdir(os.path.join(roles_dir, name)):
+        raise UsageError(f"no role {name!r}", path=os.path.join(roles_dir, including[-1], "tasks.yaml"))
     defaults_path = os.path.join(roles_dir, name, "defaults.yaml")
     defaults = yamlsource.load(defaults_path).data if os.path.exists(defaults_path) else {}
     if not isinstance(defaults, dict):
         raise UsageError("must be a mapping of variables", path=defaults_path)
     source = yamlsource.load(os.path.join(roles_dir, name, "tasks.yaml"))
+    if isinstance(source.data, dict):
+        if set(source.data) != {"include"}:
+            raise source.error((), "a role's tasks are a list of tasks, or `include: ROLE`")
+        base = _load_role(roles_dir, source.data["include"], including + (name,))
+        return Role(name=name, defaults={**base.defaults, **defaults}, tasks=base.tasks)
     if not isinstance(source.data, list):
         raise source.error((), "must be a list of tasks")
     tasks, seen = [], set()

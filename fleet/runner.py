@@ -129,12 +129,6 @@ def _deploy_host(session, state, txid, options, progress):
     return outcome
 
 
-def ingress_address(inventory, service):
-    """Where clients reach the service's Envoy listener."""
-    listen = service.ingress.listen_address
-    return inventory.hosts[service.ingress.host].address if listen in ("0.0.0.0", "::") else listen
-
-
 def envoy_cluster(service):
     return f"{service.name}_service"
 
@@ -144,7 +138,7 @@ def _check_service(session, inventory, service):
     if conn is None:
         return False, f"not checked: its ingress host {service.ingress.host} was not reached"
     expected = [f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends]
-    return verify.check_through_envoy(conn, service, ingress_address(inventory, service), envoy_cluster(service),
+    return verify.check_through_envoy(conn, service, inventory.ingress_address(service), envoy_cluster(service),
                                       expected)
 
 

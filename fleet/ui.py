@@ -144,3 +144,13 @@ def stop_report(console, outcomes):
         for label, status in outcome.steps.items():
             word = {"changed": "stopped", "ok": "was not running", "failed": "FAILED to stop"}[status]
             console.print(f"{outcome.host}: {label[5:]} {word}")
+
+
+def recommendations(console, address, users, answers):
+    table = Table(title=f"recommendations through {address}", header_style="bold")
+    for column in ("user", "rank", "item", "score"):
+        table.add_column(column, justify="right")
+    for user, answer in zip(users, answers):
+        for rank, (item, score) in enumerate(answer, 1):
+            table.add_row(str(user) if rank == 1 else "", str(rank), str(item), f"{score:.6f}")
+    console.print(table)

@@ -1,17 +1,19 @@
-"""The embedded default inventory (local connection, loopback "hosts") deploys and answers.
+"""The embedded default inventory (local connection, loopback "hosts") runs the whole stack.
 
-Run on its own ports and state directory so it never meets an operator's own local deploy."""
+Run on shifted ports and its own state directory so it never meets an operator's own deploy."""
 
 import os
+import re
 import signal
 
-import grpc
 import pytest
 import yaml
 
-from fleet.services.inference import encode_instances
-from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
+from fleet import verify
+from tests import expected
 from tests.conftest import REPO, run_fleet
+
+PORT_SHIFT = 10000
 
 
 @pytest.fixture
@@ -20,13 +22,14 @@ def local_inventory(tmp_path):
         data = yaml.safe_load(f)
     for name, host in data["hosts"].items():
         host["root"] = str(tmp_path / name)
-    service = data["services"]["inference"]
-    service["port"] = 17073
-    service["ingress"].update(port=18083, admin_port=19090)
+    for service in data["services"].values():
+        service["port"] += PORT_SHIFT
+        service["ingress"]["port"] += PORT_SHIFT
+        service["ingress"]["admin_port"] += PORT_SHIFT
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(data))
     yield str(path)
-    run_fleet("stop", "inference", "-i", str(path))
+    run_fleet("stop", "all", "-i", str(path))
     for name in data["hosts"]:  # whatever stop could not reach, by the pids fleet recorded
         run = tmp_path / name / "run"
         for pidfile in run.glob("*.pid") if run.is_dir() else []:
@@ -36,13 +39,14 @@ def local_inventory(tmp_path):
                 pass
 
 
-def test_local_default_deploys_and_answers_through_envoy(local_inventory):
-    result = run_fleet("deploy", "inference", "-i", local_inventory)
+def test_local_default_runs_the_whole_stack(local_inventory):
+    result = run_fleet("deploy", "all", "-i", local_inventory, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2/2 backends healthy in Envoy" in result.stdout
-    with grpc.insecure_channel("127.0.0.1:18083") as channel:
-        reply = ranking_pb2_grpc.RankingStub(channel).doPredict(
-            ranking_pb2.Content(encodedStr=encode_instances([[0.5] * 8])), timeout=10)
-    assert reply.predictStr.startswith("[0.")
-    again = run_fleet("deploy", "inference", "-i", local_inventory)
+    assert len(re.findall(r"✓ \w+: 2/2 backends healthy in Envoy", result.stdout)) == 5
+    answers = verify.recommend(f"127.0.0.1:{8980 + PORT_SHIFT}", [3, 4], 4, 20)
+    for user, answer in zip([3, 4], answers):
+        expected.assert_matches(answer, expected.recommendations(user, 4, 20))
+    smoke = run_fleet("smoke", "-i", local_inventory)
+    assert smoke.returncode == 0 and "recommendations through 127.0.0.1:18980" in smoke.stdout
+    again = run_fleet("deploy", "all", "-i", local_inventory)
     assert again.returncode == 0 and "no changes" in again.stdout

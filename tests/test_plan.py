@@ -142,3 +142,53 @@ def test_restart_on_must_name_an_earlier_task(tmp_path):
     inv = load_inventory(SEED)
     with pytest.raises(Exception, match="restart_on names no earlier task: nope"):
         desired.compile_services(inv, [inv.service("inference")], proj)
+
+
+def test_deploy_all_runs_in_dependency_waves():
+    inv = load_inventory(SEED)
+    waves = desired.deploy_order(inv, list(inv.services.values()), project())
+    assert [[s.name for s in wave] for wave in waves] == [
+        ["inference", "feature", "feature_2tower"], ["vector_search"], ["recommender"]]
+
+
+def test_service_urls_point_at_envoy_listeners():
+    inv = load_inventory(SEED)
+    states = desired.compile_services(inv, [inv.service("recommender")], project())
+    config = states["node115"].files[1].content.decode()
+    assert 'recallServiceURL: "172.168.3.112:8084"' in config
+    assert 'featureServiceURL: "172.168.3.111:8082"' in config
+    assert 'rankingServiceURL: "172.168.3.109:8083"' in config
+    assert "servicePort: 7950" in config  # this backend's own port
+
+
+def test_missing_dependency_names_the_service(tmp_path):
+    text = open(SEED).read()
+    text = text[:text.index("  feature:\n")] + text[text.index("  recommender:\n"):]
+    inv = load_inventory(write_text(tmp_path, text))
+    with pytest.raises(Exception, match="recommender depends on 'vector_search', which the inventory does not"):
+        desired.deploy_order(inv, list(inv.services.values()), project())
+
+
+def test_dependency_cycle_is_refused(tmp_path):
+    text = open(SEED).read().replace("    ingress: {host: node111, port: 8082, admin_port: 9090}",
+                                     "    ingress: {host: node111, port: 8082, admin_port: 9090}\n"
+                                     "    vars: {depends_on: [recommender]}")
+    inv = load_inventory(write_text(tmp_path, text))
+    with pytest.raises(Exception, match="cycle: feature, recommender"):
+        desired.deploy_order(inv, list(inv.services.values()), project())
+
+
+def test_shared_files_are_sent_once_per_host():
+    inv = load_inventory(SEED)
+    states = desired.compile_services(inv, list(inv.services.values()), project())
+    paths = [f.path for f in states["node109"].files]
+    assert len(paths) == len(set(paths))
+    assert sum(p.endswith("/envoy") for p in paths) == 1  # two Envoys on node109, one binary
+
+
+def test_service_roles_include_the_shared_tasks():
+    roles = project().roles
+    for name in ("inference", "feature", "feature_2tower", "vector_search", "recommender"):
+        assert [t.name for t in roles[name].tasks] == ["artifact", "config", "process"]
+        assert roles[name].defaults["artifact"] == "builtin:services"
+    assert roles["feature_2tower"].defaults["serviceType"] == "inference"

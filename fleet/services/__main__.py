@@ -2,10 +2,11 @@
 
 import argparse
 
-from fleet.services import inference
+from fleet.services import feature, inference, recall, recommender
 from fleet.services.server import load_config
 
-SERVICES = {"inference": inference.main}
+SERVICES = {"inference": inference.main, "feature": feature.main, "recall": recall.main,
+            "recommender": recommender.main}
 
 
 def main(argv=None):

@@ -9,11 +9,10 @@ import binascii
 import json
 
 import grpc
-from google.protobuf import empty_pb2
 
 from fleet.services import model
 from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
-from fleet.services.server import Timers, serve
+from fleet.services.server import Metered, serve
 
 SERVICE_NAME = "ranking.Ranking"
 
@@ -32,10 +31,10 @@ def decode_instances(encoded):
     return instances
 
 
-class Ranking(ranking_pb2_grpc.RankingServicer):
+class Ranking(Metered, ranking_pb2_grpc.RankingServicer):
     def __init__(self, model):
+        super().__init__(ranking_pb2.ServerMessage)
         self.model = model
-        self.timers = Timers()
 
     def doPredict(self, request, context):
         with self.timers.time("doPredict"):
@@ -44,13 +43,6 @@ class Ranking(ranking_pb2_grpc.RankingServicer):
             except (ValueError, TypeError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return ranking_pb2.Prediction(predictStr=json.dumps(scores))
-
-    def getMetrics(self, request, context):
-        return ranking_pb2.ServerMessage(str=self.timers.to_json())
-
-    def resetMetrics(self, request, context):
-        self.timers.reset()
-        return empty_pb2.Empty()
 
 
 def load_model(config):

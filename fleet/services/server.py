@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 import yaml
+from google.protobuf import empty_pb2
 
 from fleet.services.proto import health_pb2, health_pb2_grpc
 
@@ -46,6 +47,21 @@ class Timers:
     def reset(self):
         with self._lock:
             self._stats.clear()
+
+
+class Metered:
+    """getMetrics / resetMetrics, shared by every service; `message` is the package's ServerMessage."""
+
+    def __init__(self, message):
+        self.timers = Timers()
+        self._message = message
+
+    def getMetrics(self, request, context):
+        return self._message(str=self.timers.to_json())
+
+    def resetMetrics(self, request, context):
+        self.timers.reset()
+        return empty_pb2.Empty()
 
 
 class _Timing:
