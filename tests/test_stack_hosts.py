@@ -3,6 +3,7 @@ Envoy equal to the direct computation, and answers kept when a backend is killed
 
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -91,10 +92,23 @@ def test_feature_rows_come_from_redis(lab, redis):
     assert len(keys.split()) == 200
 
 
+def inference_health(lab):
+    out = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+                   "'http://127.0.0.1:9092/clusters').read().decode())")
+    return {parts[1]: parts[3] for parts in (line.split("::") for line in out.splitlines())
+            if len(parts) == 4 and parts[0] == "inference_service" and parts[2] == "health_flags"}
+
+
 def test_answers_continue_with_one_inference_backend_killed(lab, inventory):
     lab.exec("h2", "sh", "-c", f"kill -9 $(cat {lab.host('h2').srv}/fleet/run/inference.pid)")
     for _ in range(20):
         check_recommendations(lab)
+    killed = f"{lab.host('h2').address}:7073"
+    deadline = time.monotonic() + 10  # health checks every 2 s, out after 2 failures
+    while inference_health(lab)[killed] == "healthy":
+        assert time.monotonic() < deadline, "Envoy kept the killed backend in rotation"
+        time.sleep(0.2)
+    assert inference_health(lab)[f"{lab.host('h3').address}:7073"] == "healthy"
     status = run_fleet("status", "inference", "-i", inventory)
     assert status.returncode == 1
     lines = [l for l in status.stdout.splitlines() if "│ inference " in l]
