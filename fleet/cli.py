@@ -10,7 +10,7 @@ from fleet import desired, inventory, render, roles, runner, ui, validate, verif
 from fleet.errors import UsageError
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +30,10 @@ def build_parser():
     common.add_argument("-l", "--limit", help="only these hosts (comma-separated names)")
     common.add_argument("--accept-new-host-keys", action="store_true",
                         help="trust and record host keys of hosts not yet in known_hosts (never a changed key)")
+    common.add_argument("--wait-lock", type=int, default=0, metavar="SECONDS",
+                        help="wait this long for another deploy's lock on a host (default: refuse at once)")
+    common.add_argument("--break-lock", action="store_true",
+                        help="end the session holding a host's lock (a stale deploy) and take it")
     service_help = f"a service of the inventory, or '{ALL}'"
     deploy = sub.add_parser("deploy", parents=[common], help="deploy and prove it answers through Envoy")
     deploy.add_argument("service", help=service_help + " (in dependency order)")
@@ -47,15 +51,22 @@ def build_parser():
 
 def main(argv=None):
     console = ui.make_console()
+    box = _FleetBox()
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args, console)
+        return COMMANDS[args.command](args, console, box)
     except UsageError as e:
         ui.error(e.one_line())
         return EXIT_USAGE
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]: files on hosts are whole (atomic writes); re-run to finish")
-        return 130
+        if box.fleet:
+            box.fleet.abort()
+        ui.error("interrupted: no host has a half-written file (files are renamed into place whole); "
+                 "run the same command again to finish")
+        return EXIT_INTERRUPTED
+    finally:
+        if box.fleet:
+            box.fleet.close()
 
 
 def load(args, service=None):
@@ -76,20 +87,22 @@ def host_states(project, inv, services, limit):
             if name in limit}
 
 
-def options(args, check=False):
-    return runner.Options(check=check, accept_new_host_keys=args.accept_new_host_keys)
+def open_fleet(args, lock=True, check=False):
+    return runner.Fleet(runner.Options(check=check, accept_new_host_keys=args.accept_new_host_keys, lock=lock,
+                                       wait_lock=args.wait_lock, break_lock=args.break_lock))
 
 
-def cmd_deploy(args, console):
+def cmd_deploy(args, console, fleet_box):
     project, inv, services, limit = load(args)
     waves = [(wave, host_states(project, inv, wave, limit)) for wave in desired.deploy_order(inv, services, project)]
     for _, states in waves:  # every config is checked before any host is touched
         validate.validate_envoy_configs(states)
+    fleet = fleet_box.open(open_fleet(args, check=args.check))
     ok, changed = True, False
     for number, (wave, states) in enumerate(waves, 1):
         if len(waves) > 1:
             console.print(f"[bold]wave {number}/{len(waves)}[/]: {', '.join(s.name for s in wave)}")
-        outcomes, checks = runner.deploy(states, wave, inv, options(args, args.check), console)
+        outcomes, checks = runner.deploy(fleet, states, wave, inv, console)
         if args.check:
             ui.check_report(console, {o.host: o.plan for o in outcomes if o.plan},
                             {o.host: o.error for o in outcomes if o.error})
@@ -108,22 +121,24 @@ def cmd_deploy(args, console):
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def cmd_status(args, console):
+def cmd_status(args, console, fleet_box):
     project, inv, services, limit = load(args)
-    statuses, views = runner.status(host_states(project, inv, services, limit), services, inv, options(args))
+    fleet = fleet_box.open(open_fleet(args, lock=False))
+    statuses, views = runner.status(fleet, host_states(project, inv, services, limit), services)
     ui.status_report(console, statuses, views)
     healthy = all(s.error is None and all(p.ok for p in s.ports) for s in statuses)
     return EXIT_OK if healthy else EXIT_FAILED
 
 
-def cmd_stop(args, console):
+def cmd_stop(args, console, fleet_box):
     project, inv, services, limit = load(args)
-    outcomes = runner.stop(host_states(project, inv, services, limit), options(args))
+    fleet = fleet_box.open(open_fleet(args))
+    outcomes = runner.stop(fleet, host_states(project, inv, services, limit))
     ui.stop_report(console, outcomes)
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 
 
-def cmd_smoke(args, console):
+def cmd_smoke(args, console, fleet_box):
     _, inv, (service,), _ = load(args)
     try:
         users = [int(u) for u in args.users.split(",") if u.strip()]
@@ -137,6 +152,16 @@ def cmd_smoke(args, console):
         return EXIT_FAILED
     ui.recommendations(console, address, users, answers)
     return EXIT_OK
+
+
+class _FleetBox:
+    """Holds the command's Fleet so main() can close it, or abort it on Ctrl-C."""
+
+    fleet = None
+
+    def open(self, fleet):
+        self.fleet = fleet
+        return fleet
 
 
 COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "smoke": cmd_smoke}

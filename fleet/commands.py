@@ -1,12 +1,18 @@
-"""Shell scripts run on hosts, built as plain strings: one script per host per phase, because
-every remote command costs a login shell (~150 ms on our hosts). Pure; nothing here runs."""
+"""Shell scripts run on hosts, built as plain strings. Pure; nothing here runs.
+
+Every remote command costs a login shell (~150 ms on our hosts), so fleet starts exactly one per
+host per run: session() below, a small shell loop that holds the host's deploy lock and runs the
+step scripts (facts, apply, stop) that the controller sends over stdin, one after the other."""
 
 import posixpath
 import shlex
 
 q = shlex.quote
 
-# Functions shared by every script. A process is ours only if its environment carries
+RUN_MARKER = "@@run"
+LOCKED_EXIT = 75
+
+# Functions shared by every step. A process is ours only if its environment carries
 # FLEET_PROC=<root>/<name>: a recycled pid is never mistaken for a service.
 _PRELUDE = r"""
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "FLEET_PROC=$R/$2"; }
@@ -29,7 +35,8 @@ stop_proc() {
 start_proc() {
   mkdir -p "$R/run" "$R/log"
   echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet start $2" >> "$R/log/$1.log"
-  ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c 'exec '"$3" >> "$R/log/$1.log" 2>&1 < /dev/null ) &
+  # 9>&-: the service must not inherit the deploy lock.
+  ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c 'exec '"$3" >> "$R/log/$1.log" 2>&1 < /dev/null 9>&- ) &
   echo $! > "$R/run/$1.pid"; echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
 }
 listening() { listeners | grep -Eq "[:.]$1 +[^ ]+ +LISTEN +$2/|[:.]$1 .*pid=$2,"; }
@@ -45,16 +52,57 @@ wait_listen() {
   done
 }
 log_tail() { echo "@@log $1"; tail -n 20 "$R/log/$1.log" 2>/dev/null; echo "@@end"; }
+receive() { dd bs=65536 iflag=fullblock,count_bytes count="$2" of="$S/$1" status=none && [ "$(wc -c < "$S/$1")" -eq "$2" ]; }
+place() {
+  mkdir -p "$(dirname "$2")" && chmod "$3" "$S/$1" && { [ ! -f "$2" ] || cp -p "$2" "$B/$1"; } && mv -f "$S/$1" "$2"
+}
+save_previous() { if alive "$(cat "$R/run/$1.pid" 2>/dev/null)" "$1"; then cp "$R/run/$1.cmd" "$B/$1.cmd" && cp "$R/run/$1.fp" "$B/$1.fp"; fi; }
+restore() { [ ! -f "$B/$1" ] || mv -f "$B/$1" "$2"; }
 """
 
 
-def _header(root):
-    return f"R={q(root)}\n{_PRELUDE}"
+def session(root, holder, lock=True, wait=0, break_lock=False):
+    """The one remote command of a run: takes the host's lock (flock, released when the session
+    ends however it ends), then runs each step script sent on stdin, ended by a RUN_MARKER line,
+    in a subshell, answering `@@done EXIT_CODE`. Ends at end of input."""
+    lines = [f"R={q(root)}", _PRELUDE,
+             'mkdir -p "$R" || { echo "@@fail session cannot create $R"; exit 1; }']
+    if lock:
+        if break_lock:
+            acquire = ('echo "@@breaking $holder"; pid=${holder##*pid=}; pid=${pid%% *}; '
+                       '[ -n "$pid" ] && kill -TERM -- "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; '
+                       'flock -w 10 9')
+        elif wait:
+            acquire = f'echo "@@waiting $holder"; flock -w {int(wait)} 9'
+        else:
+            acquire = "false"
+        lines += [
+            'exec 9>>"$R/.lock"',
+            "if ! flock -n 9; then",
+            '  holder=$(cat "$R/.lock.holder" 2>/dev/null)',
+            f'  {acquire} || {{ echo "@@locked $holder"; exit {LOCKED_EXIT}; }}',
+            "fi",
+            f'echo "holder={holder} pid=$$ since=$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$R/.lock.holder"',
+        ]
+    lines += [
+        'echo "@@ready"',
+        "while :; do",
+        "  script=; complete=",
+        "  while IFS= read -r line; do",
+        f'    if [ "$line" = {RUN_MARKER} ]; then complete=1; break; fi',
+        '    script="$script$line',
+        '"',
+        "  done",
+        '  [ -n "$complete" ] || break',
+        '  ( eval "$script" ); echo "@@done $?"',
+        "done",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def facts(state):
     """What is on the host now: files, managed file contents, processes, listeners."""
-    lines = [_header(state.host.root)]
+    lines = []
     for f in state.files:
         if f.content is None:
             lines.append(f'if [ -e {q(f.path)} ]; then echo "@@file present {f.path}"; '
@@ -68,35 +116,47 @@ def facts(state):
 
 
 def apply(plan, txid):
-    """Moves the sent files into place and (re)starts what changed, then reports like facts().
-
-    Files arrive as a tar stream on stdin into a staging directory under the root and are put in
-    place with rename, so an interrupted deploy never leaves a half-written file behind."""
-    root = plan.state.host.root
-    staging = posixpath.join(root, ".staging", txid)
-    lines = [_header(root), "failed=0"]
-    if plan.payload:
-        lines += [f"S={q(staging)}", 'mkdir -p "$S" && trap \'rm -rf "$S"\' EXIT',
-                  'tar -xf - -C "$S" || { echo "@@fail transfer files did not arrive whole"; exit 3; }']
-    for task, members in plan.files_by_task():
-        for member, spec in members:
-            lines.append(f"mkdir -p {q(posixpath.dirname(spec.path))} && chmod {spec.mode:o} \"$S/{member}\" "
-                         f"&& mv -f \"$S/{member}\" {q(spec.path)} || {{ echo \"@@fail {task} cannot write "
-                         f"{spec.path}\"; exit 3; }}")
+    """Receives the changed files, puts them in place and (re)starts what changed, then reports
+    like facts(). Files arrive on stdin right after the script, each exactly its size, into a
+    staging directory under the root, and are renamed into place only once all have arrived: an
+    interrupted deploy never leaves a half-written file. A process whose new version does not
+    come up gets its previous files and command back."""
+    lines = ["failed=0", f'S="$R/.staging/{txid}"; B="$R/.rollback/{txid}"',
+             # Leftovers of interrupted deploys: nobody else uses them, we hold the lock.
+             'rm -rf "$R/.staging" "$R/.rollback"; mkdir -p "$S" "$B" && trap \'rm -rf "$S" "$B"\' EXIT']
+    for member, spec in plan.payload:
+        lines.append(f'receive {member} {plan.size(spec)} || {{ echo "@@fail transfer {spec.path} did not arrive '
+                     f'whole"; exit 3; }}')
+    members = {spec.path: member for member, spec in plan.payload}
+    for task, sent in plan.files_by_task():
+        for member, spec in sent:
+            lines.append(f'place {member} {q(spec.path)} {spec.mode:o} || {{ echo "@@fail {task} cannot write '
+                         f'{spec.path}"; exit 3; }}')
         lines.append(f'echo "@@step {task} changed"')
     for proc in plan.restarts:
-        lines.append(f"stop_proc {q(proc.name)}; start_proc {q(proc.name)} {q(proc.fingerprint)} {q(proc.command)}")
+        lines.append(f"save_previous {q(proc.name)}; stop_proc {q(proc.name)}; "
+                     f"start_proc {q(proc.name)} {q(proc.fingerprint)} {q(proc.command)}")
     for proc in plan.restarts:
-        ports = " ".join(str(p) for p in proc.ports)
-        lines.append(f'if wait_listen {q(proc.name)} {proc.start_timeout} {ports}; then echo "@@step {proc.task} '
-                     f'changed"; else failed=1; log_tail {q(proc.name)}; fi')
+        wait = f"wait_listen {q(proc.name)} {proc.start_timeout} {' '.join(str(p) for p in proc.ports)}"
+        restores = "; ".join(f"restore {members[p]} {q(p)}" for p in proc.files if p in members) or ":"
+        lines += [
+            f'if {wait}; then echo "@@step {proc.task} changed"; else',
+            f"  failed=1; log_tail {q(proc.name)}",
+            f'  if [ -f "$B/{proc.name}.cmd" ]; then',
+            f"    stop_proc {q(proc.name)}; {restores}",
+            f'    start_proc {q(proc.name)} "$(cat "$B/{proc.name}.fp")" "$(cat "$B/{proc.name}.cmd")"',
+            f'    if {wait} >/dev/null; then echo "@@rolledback {proc.name}"; '
+            f'else echo "@@fail {proc.name} the previous version did not come back either"; fi',
+            "  fi",
+            "fi",
+        ]
     lines += [f"procstate {q(p.name)}" for p in plan.state.processes]
-    lines += ["report_listeners", 'exit $failed']
+    lines += ["report_listeners", "exit $failed"]
     return "\n".join(lines) + "\n"
 
 
-def stop(root, process_names):
-    lines = [_header(root)]
+def stop(process_names):
+    lines = []
     for name in process_names:
         lines.append(f'if alive "$(cat "$R/run/{name}.pid" 2>/dev/null)" {q(name)}; then stop_proc {q(name)}; '
                      f'echo "@@stopped {name}"; else stop_proc {q(name)}; echo "@@notrunning {name}"; fi')

@@ -1,22 +1,22 @@
 """Connectors: how fleet reaches a host. The only module that talks to hosts.
 
-ssh: one paramiko connection per host, reused for every command and tunnel of a run.
+ssh: one paramiko connection per host, reused for the run's one shell session and its tunnels.
 local: this machine, through /bin/sh, for the embedded default inventory.
-"""
+Both run commands.session() and feed it step scripts through a ScriptSession."""
 
-import io
 import os
 import socket
 import subprocess
-import tarfile
 import threading
 from dataclasses import dataclass
 
 import paramiko
 
+from fleet import commands
+
 
 class ConnectFailed(Exception):
-    """The host could not be reached or authenticated; the message says why, in one line."""
+    """The host could not be reached, authenticated or locked; the message says why, in one line."""
 
 
 @dataclass(frozen=True)
@@ -31,54 +31,111 @@ def connect(host, accept_new_host_keys=False, timeout=10.0):
     return SSHConnection(host, accept_new_host_keys, timeout)
 
 
-def write_tar(stream, payload):
-    """Streams (member name, FileSpec) pairs as an uncompressed tar: no temp file, no full copy in memory."""
-    with tarfile.open(fileobj=stream, mode="w|") as tar:
-        for member, spec in payload:
-            info = tarfile.TarInfo(member)
-            info.mode = spec.mode
-            if spec.content is not None:
-                info.size = len(spec.content)
-                tar.addfile(info, io.BytesIO(spec.content))
-            else:
-                info.size = os.path.getsize(spec.source)
-                with open(spec.source, "rb") as f:
-                    tar.addfile(info, f)
+class ScriptSession:
+    """A running commands.session(): send a step script (and the files it receives), read its
+    output up to `@@done`. One step at a time."""
+
+    def __init__(self, write, close_write, chunks, exit_status):
+        self._write, self._close_write, self._exit_status = write, close_write, exit_status
+        self._lines = _lines(chunks)
+        self.closed = False
+
+    def start(self):
+        """Waits for the session to hold the lock; raises ConnectFailed naming the holder if not."""
+        seen = []
+        for line in self._lines:
+            if line == "@@ready":
+                return
+            seen.append(line)
+            if line.startswith("@@locked "):
+                raise ConnectFailed(f"locked by another deploy: {line[9:] or 'holder unknown'} "
+                                    "(--wait-lock SECONDS to wait, --break-lock if it is stale)")
+        raise ConnectFailed(f"remote session ended: {_last(seen)}")
+
+    def run(self, script, payload=(), on_line=None):
+        self._write((script + f"\n{commands.RUN_MARKER}\n").encode())
+        error = []
+        feeder = threading.Thread(target=self._send_files, args=(payload, error), daemon=True)
+        feeder.start()
+        output = []
+        for line in self._lines:
+            if line.startswith("@@done "):
+                feeder.join()
+                return Result(exit_code=int(line[7:]), output="\n".join(output))
+            output.append(line)
+            if on_line:
+                on_line(line)
+        feeder.join()
+        raise ConnectFailed(f"connection lost during a step: {error[0] if error else _last(output)}")
+
+    def _send_files(self, payload, error):
+        try:
+            for _, spec in payload:
+                if spec.content is not None:
+                    self._write(spec.content)
+                else:
+                    with open(spec.source, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            self._write(block)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            error.append(str(e) or type(e).__name__)
+
+    def close(self):
+        """Ends the session (releasing the lock) and waits for it to exit."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._close_write()
+                for _ in self._lines:
+                    pass
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+            return self._exit_status()
+
+
+def _lines(chunks):
+    pending = b""
+    for data in chunks:
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.decode(errors="replace")
+    if pending:
+        yield pending.decode(errors="replace")
+
+
+def _last(lines):
+    meaningful = [l for l in lines if l.strip() and not l.startswith("@@")]
+    return meaningful[-1] if meaningful else "no output"
 
 
 class LocalConnection:
-    def run(self, script, payload=(), on_line=None):
+    def __init__(self):
+        self.processes = []
+
+    def start_session(self, script):
+        # A session of its own, as sshd gives: --break-lock can end it as a process group.
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        feeder = threading.Thread(target=_feed, args=(proc.stdin, payload), daemon=True)
-        feeder.start()
-        output = _collect((line.decode(errors="replace") for line in proc.stdout), on_line)
-        feeder.join()
-        return Result(exit_code=proc.wait(), output=output)
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(proc)
+
+        def write(data):
+            proc.stdin.write(data)
+            proc.stdin.flush()
+
+        chunks = iter(lambda: proc.stdout.read1(65536), b"")
+        session = ScriptSession(write, proc.stdin.close, chunks, proc.wait)
+        session.start()
+        return session
 
     def open_tcp(self, port):
         return socket.create_connection(("127.0.0.1", port), timeout=5)
 
     def close(self):
-        pass
-
-
-def _feed(stdin, payload):
-    try:
-        if payload:
-            write_tar(stdin, payload)
-        stdin.close()
-    except BrokenPipeError:
-        pass  # the script ended early; its output says why
-
-
-class _ChannelWriter:
-    def __init__(self, channel):
-        self.channel = channel
-
-    def write(self, data):
-        self.channel.sendall(data)
-        return len(data)
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
@@ -123,24 +180,14 @@ class SSHConnection:
             reason = e.strerror or str(e) or type(e).__name__
             raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {reason}") from None
 
-    def run(self, script, payload=(), on_line=None):
+    def start_session(self, script):
         channel = self.client.get_transport().open_session()
         channel.set_combine_stderr(True)
         channel.exec_command(script)
-        feeder = threading.Thread(target=self._feed, args=(channel, payload), daemon=True)
-        feeder.start()
-        output = _collect(_channel_lines(channel), on_line)
-        feeder.join()
-        return Result(exit_code=channel.recv_exit_status(), output=output)
-
-    @staticmethod
-    def _feed(channel, payload):
-        try:
-            if payload:
-                write_tar(_ChannelWriter(channel), payload)
-            channel.shutdown_write()
-        except (OSError, EOFError, paramiko.SSHException):
-            pass  # the script ended early; its output says why
+        chunks = iter(lambda: channel.recv(65536), b"")
+        session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, channel.recv_exit_status)
+        session.start()
+        return session
 
     def open_tcp(self, port):
         """A channel to 127.0.0.1:port as seen from the host (its admin interfaces bind there)."""
@@ -152,26 +199,3 @@ class SSHConnection:
 
     def close(self):
         self.client.close()
-
-
-def _channel_lines(channel):
-    pending = b""
-    while True:
-        data = channel.recv(65536)
-        if not data:
-            break
-        pending += data
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.decode(errors="replace") + "\n"
-    if pending:
-        yield pending.decode(errors="replace")
-
-
-def _collect(lines, on_line):
-    collected = []
-    for line in lines:
-        collected.append(line)
-        if on_line:
-            on_line(line.rstrip("\n"))
-    return "".join(collected)

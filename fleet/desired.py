@@ -37,6 +37,7 @@ class ProcessSpec:
     fingerprint: str  # changes whenever the command or a file it restarts on changes
     ports: tuple
     start_timeout: int
+    files: tuple = ()  # paths whose change restarts it (restored if the new version fails)
 
 
 @dataclass
@@ -139,7 +140,8 @@ def _process(state, label, task, args, task_files, where):
     unknown = [name for name in restart_on if name not in task_files]
     if unknown:
         raise UsageError(f"restart_on names no earlier task: {', '.join(unknown)}", path=where, key=task.name)
-    depends = sorted(f.sha256 for name in restart_on for f in task_files[name])
+    dependencies = [f for name in restart_on for f in task_files[name]]
+    depends = sorted(f.sha256 for f in dependencies)
     fingerprint = hashlib.sha256(json.dumps([args["command"], depends]).encode()).hexdigest()[:16]
     try:
         ports = tuple(int(p) for p in args.get("ports", []))
@@ -147,7 +149,8 @@ def _process(state, label, task, args, task_files, where):
     except ValueError as e:
         raise UsageError(f"ports and start_timeout must be numbers: {e}", path=where, key=task.name) from None
     state.processes.append(ProcessSpec(name=args["name"], task=label, command=args["command"],
-                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout))
+                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout,
+                                       files=tuple(f.path for f in dependencies)))
 
 
 def _content_file(label, path, content):

@@ -32,6 +32,7 @@ class Report:
     logs: dict = field(default_factory=dict)  # process name -> log tail
     stopped: list = field(default_factory=list)
     not_running: list = field(default_factory=list)
+    rolled_back: list = field(default_factory=list)
     listener_tool_output: str = ""
 
 
@@ -69,6 +70,8 @@ def parse(text):
             report.stopped.append(rest)
         elif kind == "notrunning":
             report.not_running.append(rest)
+        elif kind == "rolledback":
+            report.rolled_back.append(rest)
     return report
 
 

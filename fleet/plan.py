@@ -1,6 +1,7 @@
 """What a deploy changes on one host: desired state compared with the host's facts. Pure."""
 
 import difflib
+import os
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,10 @@ class HostPlan:
     def payload(self):
         """(tar member name, FileSpec) for every file sent."""
         return [(f"f{i}", spec) for i, spec in enumerate(self.send)]
+
+    @staticmethod
+    def size(spec):
+        return len(spec.content) if spec.content is not None else os.path.getsize(spec.source)
 
     def files_by_task(self):
         grouped = {}
@@ -33,7 +38,8 @@ class HostPlan:
         return {task: ("changed" if task in changed else "ok") for task in self.state.tasks}
 
 
-def plan_host(state, report):
+def plan_host(state, report, mask=str):
+    """mask hides secret values in the diffs."""
     plan = HostPlan(state=state)
     for spec in state.files:
         if spec.content is None:
@@ -43,7 +49,7 @@ def plan_host(state, report):
         current = report.contents.get(spec.path)
         if current != spec.content:
             plan.send.append(spec)
-            plan.diffs.append((spec.path, unified_diff(spec.path, current, spec.content)))
+            plan.diffs.append((spec.path, mask(unified_diff(spec.path, current, spec.content))))
     for proc in state.processes:
         found = report.procs.get(proc.name)
         if found is None or not found.alive:

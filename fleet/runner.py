@@ -1,7 +1,9 @@
 """Orchestration of a command across hosts: connect, gather facts, apply, verify. The only
 module that sequences remote work; what to run comes from desired/plan/commands."""
 
+import getpass
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ class HostOutcome:
     steps: dict = field(default_factory=dict)  # label -> ok / changed / failed
     ports: list = field(default_factory=list)  # verify.PortCheck
     logs: dict = field(default_factory=dict)  # process -> log tail
+    rolled_back: list = field(default_factory=list)  # processes put back to their previous version
     error: str | None = None
     plan: object = None
 
@@ -29,79 +32,126 @@ class HostOutcome:
         return self.error is None and "failed" not in self.steps.values() and all(c.ok for c in self.ports)
 
 
+@dataclass
+class HostStatus:
+    host: str
+    procs: dict = field(default_factory=dict)  # name -> facts.ProcState
+    ports: list = field(default_factory=list)  # verify.PortCheck
+    error: str | None = None
+
+
 @dataclass(frozen=True)
 class Options:
     check: bool = False
     accept_new_host_keys: bool = False
+    lock: bool = True  # read-only commands (status) do not take the deploy lock
+    wait_lock: int = 0
+    break_lock: bool = False
 
 
-class Session:
-    """One connection per host for the whole command, opened in parallel and closed at the end."""
+@dataclass
+class _Link:
+    connection: object
+    shell: object  # connection.ScriptSession
 
-    def __init__(self, options):
+
+class Fleet:
+    """The hosts of one command: one connection and one locked shell session per host, opened on
+    first use, reused by every wave and step, closed (releasing the locks) at the end."""
+
+    def __init__(self, options, mask=str):
         self.options = options
-        self.connections = {}
+        self.mask = mask  # hides secret values in anything shown to the operator
+        self.txid = f"{int(time.time())}-{os.getpid()}"
+        self.holder = f"{getpass.getuser()}@{socket.gethostname()} txid={self.txid}"
+        self._links, self._errors = {}, {}
 
-    def try_connect(self, host):
-        """(connection, None), or (None, the one-line reason the host could not be reached)."""
+    def link(self, host):
+        """(_Link, None), or (None, the one-line reason the host cannot be used)."""
+        if host.name in self._links or host.name in self._errors:
+            return self._links.get(host.name), self._errors.get(host.name)
+        conn = None
         try:
             conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
+            script = commands.session(host.root, self.holder, lock=self.options.lock, wait=self.options.wait_lock,
+                                      break_lock=self.options.break_lock)
+            self._links[host.name] = _Link(conn, conn.start_session(script))
         except connection.ConnectFailed as e:
-            return None, str(e)
-        self.connections[host.name] = conn
-        return conn, None
+            if conn is not None:
+                conn.close()
+            self._errors[host.name] = self.mask(str(e))
+        return self._links.get(host.name), self._errors.get(host.name)
+
+    def connection(self, host_name):
+        link = self._links.get(host_name)
+        return link.connection if link else None
 
     def close(self):
-        for conn in self.connections.values():
-            conn.close()
+        for link in self._links.values():
+            link.shell.close()
+            link.connection.close()
+        self._links.clear()
+
+    def abort(self):
+        """Ctrl-C: drop every connection at once; hosts clean up their staging on their own."""
+        for link in self._links.values():
+            link.connection.close()
+        self._links.clear()
 
 
 def parallel(items, fn):
     if not items:
         return []
-    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_HOSTS, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
-def deploy(states, services, inventory, options, console):
-    """Deploys to every host in `states`; returns (outcomes, end-to-end checks)."""
-    session = Session(options)
-    txid = f"{int(time.time())}-{os.getpid()}"
+    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_HOSTS, len(items)))
     try:
-        with ui.Progress(console, list(states)) as progress:
-            outcomes = parallel(list(states.values()),
-                                lambda state: _deploy_host(session, state, txid, options, progress))
-        if options.check:
-            return outcomes, []
-        checks = [(s.name, *_check_service(session, inventory, s)) for s in services if s.ingress.host in states]
-        return outcomes, checks
+        return list(pool.map(fn, items))
     finally:
-        session.close()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _deploy_host(session, state, txid, options, progress):
+def deploy(fleet, states, services, inventory, console):
+    """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks)."""
+    with ui.Progress(console, list(states)) as progress:
+        outcomes = parallel(list(states.values()), lambda state: _deploy_host(fleet, state, progress))
+    if fleet.options.check:
+        return outcomes, []
+    checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
+    return outcomes, checks
+
+
+def _deploy_host(fleet, state, progress):
     name = state.host.name
     outcome = HostOutcome(host=name)
     progress.step(name, "connect", "running")
-    conn, outcome.error = session.try_connect(state.host)
-    if conn is None:
+    link, outcome.error = fleet.link(state.host)
+    if link is None:
         progress.step(name, "connect", "failed", outcome.error)
         return outcome
+    try:
+        _deploy_linked(fleet, link.shell, state, outcome, progress)
+    except connection.ConnectFailed as e:
+        outcome.error = fleet.mask(str(e))
+        progress.step(name, "connection", "failed", outcome.error)
+    return outcome
+
+
+def _deploy_linked(fleet, shell, state, outcome, progress):
+    name = state.host.name
     progress.step(name, "facts", "running")
-    result = conn.run(commands.facts(state))
+    result = shell.run(commands.facts(state))
     if result.exit_code != 0:
-        outcome.error = f"gathering facts failed (exit {result.exit_code}): {_last_line(result.output)}"
+        outcome.error = fleet.mask(f"gathering facts failed (exit {result.exit_code}): {_last_line(result.output)}")
         progress.step(name, "facts", "failed", outcome.error)
-        return outcome
+        return
     report = facts.parse(result.output)
-    host_plan = plan.plan_host(state, report)
+    host_plan = plan.plan_host(state, report, mask=fleet.mask)
     outcome.plan = host_plan
     for label, status in host_plan.task_status().items():
         outcome.steps[label] = status
-        if status == "ok" or options.check:
+        if status == "ok" or fleet.options.check:
             progress.step(name, label, "ok" if status == "ok" else "would change")
-    if options.check:
-        return outcome
+    if fleet.options.check:
+        return
     if host_plan.changed:
         def on_line(line):
             if line.startswith("@@step "):
@@ -109,32 +159,34 @@ def _deploy_host(session, state, txid, options, progress):
                 progress.step(name, label, status)
 
         progress.step(name, "apply", "running")
-        result = conn.run(commands.apply(host_plan, txid), payload=host_plan.payload, on_line=on_line)
+        result = shell.run(commands.apply(host_plan, fleet.txid), payload=host_plan.payload, on_line=on_line)
         report = facts.parse(result.output)
         done = dict(report.steps)
         for label, status in outcome.steps.items():
             if status == "changed" and label not in done:
                 outcome.steps[label] = "failed"
-        outcome.logs = report.logs
-        if report.failures:
-            outcome.error = "; ".join(f"{n}: {r}" for n, r in report.failures)
+        outcome.logs = {proc: fleet.mask(tail) for proc, tail in report.logs.items()}
+        outcome.rolled_back = report.rolled_back
+        reasons = [f"{n}: {r}" for n, r in report.failures]
+        reasons += [f"{n}: previous version restored and running" for n in report.rolled_back]
+        if reasons:
+            outcome.error = fleet.mask("; ".join(reasons))
         elif result.exit_code != 0:
-            outcome.error = f"apply failed (exit {result.exit_code}): {_last_line(result.output)}"
+            outcome.error = fleet.mask(f"apply failed (exit {result.exit_code}): {_last_line(result.output)}")
         if outcome.error:
             progress.step(name, "apply", "failed", outcome.error)
     outcome.ports = verify.check_ports(state, report)
     bad = [c for c in outcome.ports if not c.ok]
     progress.step(name, "verify ports", "failed" if bad else "ok",
                   "; ".join(c.detail for c in bad) or f"{len(outcome.ports)} ports listened on by their processes")
-    return outcome
 
 
 def envoy_cluster(service):
     return f"{service.name}_service"
 
 
-def _check_service(session, inventory, service):
-    conn = session.connections.get(service.ingress.host)
+def _check_service(fleet, inventory, service):
+    conn = fleet.connection(service.ingress.host)
     if conn is None:
         return False, f"not checked: its ingress host {service.ingress.host} was not reached"
     expected = [f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends]
@@ -147,63 +199,50 @@ def _last_line(output):
     return lines[-1] if lines else "no output"
 
 
-@dataclass
-class HostStatus:
-    host: str
-    procs: dict = field(default_factory=dict)  # name -> facts.ProcState
-    ports: list = field(default_factory=list)  # verify.PortCheck
-    error: str | None = None
-
-
-def _on_each_host(session, states, result_type, work):
-    """Connects to every host in parallel and calls work(conn, state, result) where that worked."""
+def _on_each_host(fleet, states, result_type, work):
+    """Opens every host in parallel and calls work(shell, state, result) where that worked."""
     def one(state):
         result = result_type(host=state.host.name)
-        conn, result.error = session.try_connect(state.host)
-        if conn is not None:
-            work(conn, state, result)
+        link, result.error = fleet.link(state.host)
+        if link is not None:
+            try:
+                work(link.shell, state, result)
+            except connection.ConnectFailed as e:
+                result.error = fleet.mask(str(e))
         return result
 
     return parallel(list(states.values()), one)
 
 
-def status(states, services, inventory, options):
+def status(fleet, states, services):
     """Process state and listeners per host, and Envoy's view of each service's endpoints."""
-    session = Session(options)
-    try:
-        def host_status(conn, state, result):
-            report = facts.parse(conn.run(commands.facts(state)).output)
-            result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
-            result.ports = verify.check_ports(state, report)
+    def host_status(shell, state, result):
+        report = facts.parse(shell.run(commands.facts(state)).output)
+        result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
+        result.ports = verify.check_ports(state, report)
 
-        statuses = _on_each_host(session, states, HostStatus, host_status)
-        views = {}
-        for service in services:
-            conn = session.connections.get(service.ingress.host)
-            try:
-                views[service.name] = verify.envoy_endpoints(conn, service.ingress.admin_port, envoy_cluster(service)) \
-                    if conn else f"ingress host {service.ingress.host} not reached"
-            except OSError as e:
-                views[service.name] = f"Envoy admin not answering: {e}"
-        return statuses, views
-    finally:
-        session.close()
+    statuses = _on_each_host(fleet, states, HostStatus, host_status)
+    views = {}
+    for service in services:
+        conn = fleet.connection(service.ingress.host)
+        try:
+            views[service.name] = verify.envoy_endpoints(conn, service.ingress.admin_port, envoy_cluster(service)) \
+                if conn else f"ingress host {service.ingress.host} not reached"
+        except OSError as e:
+            views[service.name] = f"Envoy admin not answering: {e}"
+    return statuses, views
 
 
-def stop(states, options):
+def stop(fleet, states):
     """Stops every process fleet started for these states, Envoy before the backends it fronts."""
-    session = Session(options)
-    try:
-        def stop_host(conn, state, outcome):
-            names = [p.name for p in reversed(state.processes)]
-            result = conn.run(commands.stop(state.host.root, names))
-            report = facts.parse(result.output)
-            for name in names:
-                outcome.steps[f"stop {name}"] = "changed" if name in report.stopped else \
-                    "ok" if name in report.not_running else "failed"
-            if result.exit_code != 0:
-                outcome.error = f"stop failed (exit {result.exit_code}): {_last_line(result.output)}"
+    def stop_host(shell, state, outcome):
+        names = [p.name for p in reversed(state.processes)]
+        result = shell.run(commands.stop(names))
+        report = facts.parse(result.output)
+        for name in names:
+            outcome.steps[f"stop {name}"] = "changed" if name in report.stopped else \
+                "ok" if name in report.not_running else "failed"
+        if result.exit_code != 0:
+            outcome.error = f"stop failed (exit {result.exit_code}): {_last_line(result.output)}"
 
-        return _on_each_host(session, states, HostOutcome, stop_host)
-    finally:
-        session.close()
+    return _on_each_host(fleet, states, HostOutcome, stop_host)
