@@ -87,17 +87,17 @@ def host_states(project, inv, services, limit):
             if name in limit}
 
 
-def open_fleet(args, lock=True, check=False):
+def open_fleet(args, inv, lock=True, check=False):
     return runner.Fleet(runner.Options(check=check, accept_new_host_keys=args.accept_new_host_keys, lock=lock,
-                                       wait_lock=args.wait_lock, break_lock=args.break_lock))
+                                       wait_lock=args.wait_lock, break_lock=args.break_lock), mask=inv.mask)
 
 
 def cmd_deploy(args, console, fleet_box):
     project, inv, services, limit = load(args)
     waves = [(wave, host_states(project, inv, wave, limit)) for wave in desired.deploy_order(inv, services, project)]
     for _, states in waves:  # every config is checked before any host is touched
-        validate.validate_envoy_configs(states)
-    fleet = fleet_box.open(open_fleet(args, check=args.check))
+        validate.validate_envoy_configs(states, mask=inv.mask)
+    fleet = fleet_box.open(open_fleet(args, inv, check=args.check))
     ok, changed = True, False
     for number, (wave, states) in enumerate(waves, 1):
         if len(waves) > 1:
@@ -123,7 +123,7 @@ def cmd_deploy(args, console, fleet_box):
 
 def cmd_status(args, console, fleet_box):
     project, inv, services, limit = load(args)
-    fleet = fleet_box.open(open_fleet(args, lock=False))
+    fleet = fleet_box.open(open_fleet(args, inv, lock=False))
     statuses, views = runner.status(fleet, host_states(project, inv, services, limit), services)
     ui.status_report(console, statuses, views)
     healthy = all(s.error is None and all(p.ok for p in s.ports) for s in statuses)
@@ -132,7 +132,7 @@ def cmd_status(args, console, fleet_box):
 
 def cmd_stop(args, console, fleet_box):
     project, inv, services, limit = load(args)
-    fleet = fleet_box.open(open_fleet(args))
+    fleet = fleet_box.open(open_fleet(args, inv))
     outcomes = runner.stop(fleet, host_states(project, inv, services, limit))
     ui.stop_report(console, outcomes)
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED

@@ -73,7 +73,7 @@ def compile_services(inventory, services, project):
                 state = states.setdefault(host_name, HostState(host=host))
                 play_vars = service.vars if play.hosts == "backends" else service.ingress.vars
                 context = role_context(inventory, service, role, host, play_vars)
-                _apply_role(state, role, service, context, project.renderer, base_dir)
+                _apply_role(state, role, service, context, project.renderer, base_dir, inventory.secrets)
     return states
 
 
@@ -94,7 +94,7 @@ def role_context(inventory, service, role, host, play_vars):
     return context
 
 
-def _apply_role(state, role, service, context, renderer, base_dir):
+def _apply_role(state, role, service, context, renderer, base_dir, secrets):
     where = f"roles/{role.name}/tasks.yaml"
     task_files = {}  # task name -> files a process restart depends on
     for task in role.tasks:
@@ -108,7 +108,7 @@ def _apply_role(state, role, service, context, renderer, base_dir):
             files, restart_files = [spec], [spec]
         elif task.module == "template":
             text = renderer.file(args["src"], context).encode()
-            spec = _content_file(label, posixpath.join(state.host.root, args["dest"]), text)
+            spec = _content_file(label, posixpath.join(state.host.root, args["dest"]), text, secrets)
             files, restart_files = [spec], [spec]
         elif task.module == "envoy_config":
             files, restart_files, validation = _envoy_config(label, state.host.root, args, context, renderer)
@@ -153,8 +153,11 @@ def _process(state, label, task, args, task_files, where):
                                        files=tuple(f.path for f in dependencies)))
 
 
-def _content_file(label, path, content):
-    return FileSpec(task=label, path=path, sha256=hashlib.sha256(content).hexdigest(), content=content)
+def _content_file(label, path, content, secrets=()):
+    """A rendered file; readable by its owner only if it holds a secret."""
+    private = any(secret.encode() in content for secret in secrets)
+    return FileSpec(task=label, path=path, sha256=hashlib.sha256(content).hexdigest(), content=content,
+                    mode=0o600 if private else 0o644)
 
 
 def _envoy_config(label, root, args, context, renderer):

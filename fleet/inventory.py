@@ -78,12 +78,19 @@ class Inventory:
     path: str
     hosts: dict
     services: dict
+    secrets: frozenset = frozenset()  # values that must never be shown
+    source: object = field(default=None, compare=False)  # yamlsource.Located, for error lines
+
+    def mask(self, text):
+        """text with every secret value replaced by ********."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "********")
+        return text
 
     def service(self, name):
         if name not in self.services:
             known = ", ".join(sorted(self.services)) or "none"
-            raise UsageError(f"unknown service {name!r} (the inventory defines: {known})", path=self.path,
-                             key="services")
+            raise self.source.error(("services",), f"unknown service {name!r} (the inventory defines: {known})")
         return self.services[name]
 
     def ingress_address(self, service):
@@ -102,7 +109,7 @@ class Inventory:
         names = {n.strip() for n in spec.split(",") if n.strip()}
         unknown = sorted(names - set(self.hosts))
         if unknown:
-            raise UsageError(f"--limit names unknown host(s): {', '.join(unknown)}", path=self.path, key="hosts")
+            raise self.source.error(("hosts",), f"--limit names unknown host(s): {', '.join(unknown)}")
         return names
 
 
@@ -119,6 +126,8 @@ def parse(source, known_roles):
         if key not in data:
             raise source.error((), f"missing required key {key!r}")
     base = os.path.dirname(os.path.abspath(source.path))
+    secrets = set()
+    _resolve_secrets(source, (), data, secrets)
     defaults = dict(HOST_DEFAULTS)
     if "defaults" in data:
         _mapping(source, ("defaults",), data["defaults"])
@@ -129,7 +138,31 @@ def parse(source, known_roles):
     _mapping(source, ("services",), data["services"], required=True)
     services = {name: _service(source, name, spec, hosts, known_roles) for name, spec in data["services"].items()}
     _check_port_conflicts(source, services)
-    return Inventory(path=source.path, hosts=hosts, services=services)
+    return Inventory(path=source.path, hosts=hosts, services=services, secrets=frozenset(secrets), source=source)
+
+
+def _resolve_secrets(source, keys, value, secrets):
+    """Replaces every `{secret: VALUE}` and `{env: NAME}` (taken from the controller's
+    environment) by its value, remembering it as a secret so that output can hide it."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict) and len(item) == 1 and set(item) <= {"secret", "env"}:
+                (kind, arg), = item.items()
+                where = keys + (key, kind)
+                if not isinstance(arg, (str, int, float)) or isinstance(arg, bool) or arg == "":
+                    raise source.error(where, "must be a plain value")
+                if kind == "env":
+                    if str(arg) not in os.environ:
+                        raise source.error(where, f"environment variable {arg} is not set")
+                    arg = os.environ[str(arg)]
+                value[key] = str(arg)
+                if value[key]:
+                    secrets.add(value[key])
+            else:
+                _resolve_secrets(source, keys + (key,), item, secrets)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _resolve_secrets(source, keys + (i,), item, secrets)
 
 
 def _host(source, name, spec, defaults, base):

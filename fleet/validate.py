@@ -12,7 +12,7 @@ from fleet.errors import UsageError
 _LOG_PREFIX = re.compile(r"^(\[[^\]]*\])+ (\[[^\]]*\] )?")
 
 
-def validate_envoy_configs(states, envoy_binary=None):
+def validate_envoy_configs(states, envoy_binary=None, mask=str):
     """Validates each distinct rendered config once; raises UsageError naming the first bad one."""
     configs = {}
     for state in states.values():
@@ -25,7 +25,7 @@ def validate_envoy_configs(states, envoy_binary=None):
         results = list(pool.map(lambda text: _validate(binary, text), configs))
     for (text, where), error in zip(configs.items(), results):
         if error:
-            raise UsageError(f"Envoy config rejected by `envoy --mode validate`: {error}", key=where)
+            raise UsageError(mask(f"Envoy config rejected by `envoy --mode validate`: {error}"), key=where)
 
 
 def _validate(binary, text):

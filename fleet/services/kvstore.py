@@ -28,11 +28,13 @@ class RedisError(Exception):
 
 
 class RedisStore:
-    """Rows are stored as JSON lists under their keys."""
+    """Rows are stored as JSON lists under their keys. A password in the URL
+    (redis://:PASSWORD@host:port) is sent with AUTH on connect."""
 
     def __init__(self, url):
         parsed = urlparse(url if "://" in url else f"redis://{url}")
         self.address = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
+        self.password = parsed.password
         self._local = threading.local()
 
     def is_empty(self, probe_key):
@@ -62,13 +64,19 @@ class RedisStore:
         if conn is None:
             sock = socket.create_connection(self.address, timeout=5)
             conn = self._local.conn = (sock, sock.makefile("rb"))
-        sock, reader = conn
-        payload = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = str(arg).encode()
-            payload += [f"${len(data)}\r\n".encode(), data, b"\r\n"]
-        sock.sendall(b"".join(payload))
-        return _read_reply(reader)
+            if self.password:
+                _send(conn, ("AUTH", self.password))
+        return _send(conn, args)
+
+
+def _send(conn, args):
+    sock, reader = conn
+    payload = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = str(arg).encode()
+        payload += [f"${len(data)}\r\n".encode(), data, b"\r\n"]
+    sock.sendall(b"".join(payload))
+    return _read_reply(reader)
 
 
 def _read_reply(reader):
