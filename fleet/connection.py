@@ -176,6 +176,9 @@ class SSHConnection:
                 raise ConnectFailed(f"unknown host key: {host.address} is not in {host.known_hosts} "
                                     "(add it, or pass --accept-new-host-keys to trust it on first contact)") from None
             raise ConnectFailed(f"ssh error: {e}") from None
+        except paramiko.ssh_exception.NoValidConnectionsError as e:
+            reasons = sorted({err.strerror or str(err) for err in e.errors.values()})
+            raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {', '.join(reasons)}") from None
         except (OSError, EOFError) as e:
             reason = e.strerror or str(e) or type(e).__name__
             raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {reason}") from None

@@ -27,6 +27,7 @@ class FileSpec:
     mode: int = 0o644
     content: bytes | None = None
     source: str | None = None
+    secret: bool = False  # holds a secret value: mode 0600, its old contents never shown
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _content_file(label, path, content, secrets=()):
     """A rendered file; readable by its owner only if it holds a secret."""
     private = any(secret.encode() in content for secret in secrets)
     return FileSpec(task=label, path=path, sha256=hashlib.sha256(content).hexdigest(), content=content,
-                    mode=0o600 if private else 0o644)
+                    mode=0o600 if private else 0o644, secret=private)
 
 
 def _envoy_config(label, root, args, context, renderer):

@@ -49,7 +49,7 @@ def plan_host(state, report, mask=str):
         current = report.contents.get(spec.path)
         if current != spec.content:
             plan.send.append(spec)
-            plan.diffs.append((spec.path, mask(unified_diff(spec.path, current, spec.content))))
+            plan.diffs.append((spec.path, mask(unified_diff(spec.path, current, spec.content, spec.secret))))
     for proc in state.processes:
         found = report.procs.get(proc.name)
         if found is None or not found.alive:
@@ -61,8 +61,14 @@ def plan_host(state, report, mask=str):
     return plan
 
 
-def unified_diff(path, old, new):
+def unified_diff(path, old, new, secret=False):
+    """A diff of a file's contents. For a file that holds secrets, removed lines are hidden: they
+    may hold an old secret value that the inventory no longer knows, so cannot mask."""
     old_lines = old.decode(errors="replace").splitlines(keepends=True) if old is not None else []
     new_lines = new.decode(errors="replace").splitlines(keepends=True)
-    return "".join(difflib.unified_diff(old_lines, new_lines, fromfile=f"{path} (on host)" if old is not None
-                                        else "/dev/null", tofile=f"{path} (new)"))
+    lines = difflib.unified_diff(old_lines, new_lines, fromfile=f"{path} (on host)" if old is not None
+                                 else "/dev/null", tofile=f"{path} (new)")
+    if secret:
+        lines = ["-(line hidden: this file holds secrets)\n" if l.startswith("-") and not l.startswith("---")
+                 else l for l in lines]
+    return "".join(lines)

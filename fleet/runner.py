@@ -125,6 +125,7 @@ def _deploy_host(fleet, state, progress):
     progress.step(name, "connect", "running")
     link, outcome.error = fleet.link(state.host)
     if link is None:
+        outcome.steps["connect"] = "failed"
         progress.step(name, "connect", "failed", outcome.error)
         return outcome
     try:

@@ -1,0 +1,412 @@
+"""Faults on real hosts: unreachable hosts, bad keys, failing steps, interrupted and concurrent
+deploys, stale locks, killed processes, secrets, and a backend killed under load. Each test
+matches a row of docs/failure-modes.md."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import yaml
+
+from fleet.services.inference import encode_instances
+from fleet.services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from tests.conftest import REPO, run_fleet, write_inventory
+from tests.hostlab import HostLab
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with HostLab(3) as lab:
+        yield lab
+
+
+def inference_inventory(lab, **overrides):
+    data = {"hosts": lab.inventory_hosts(), "services": {"inference": {
+        "port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
+    for key, value in overrides.items():
+        data["services"]["inference"][key] = value
+    return data
+
+
+@pytest.fixture(scope="module")
+def base(lab, tmp_path_factory):
+    path = write_inventory(tmp_path_factory.mktemp("base"), inference_inventory(lab))
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return path
+
+
+def variant(tmp_path, data):
+    return write_inventory(tmp_path, data, name="variant.yaml")
+
+
+def srv(lab, host, *parts):
+    return os.path.join(lab.host(host).srv, "fleet", *parts)
+
+
+def pid_of(lab, host, proc):
+    with open(srv(lab, host, "run", f"{proc}.pid")) as f:
+        return int(f.read())
+
+
+def predict(lab, timeout=10):
+    with grpc.insecure_channel(f"{lab.host('h0').address}:8083") as channel:
+        reply = ranking_pb2_grpc.RankingStub(channel).doPredict(
+            ranking_pb2.Content(encodedStr=encode_instances([[0.1] * 8])), timeout=timeout)
+    return reply.predictStr
+
+
+def host_line(stdout, host):
+    return [l for l in stdout.splitlines() if l.startswith(f"│ {host} ")]
+
+
+# -- hosts that cannot be reached or trusted -------------------------------------------------------
+
+def test_unreachable_host_is_reported_and_the_others_proceed(lab, base):
+    lab.stop_sshd("h1")
+    try:
+        result = run_fleet("deploy", "inference", "-i", base)
+        assert result.returncode == 1
+        assert f"unreachable: {lab.host('h1').address}:22: Connection refused" in result.stdout
+        assert re.search(r"│ h0 +│ \d+ +│ 0 +│ 0 +│ 3/3", result.stdout)  # h0 was deployed and verified
+    finally:
+        lab.start_sshd("h1")
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+def test_refused_key_is_reported(lab, base, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    data = yaml.safe_load(open(base))
+    data["hosts"]["h1"]["key"] = str(tmp_path / "other")
+    result = run_fleet("deploy", "inference", "-i", variant(tmp_path, data))
+    assert result.returncode == 1
+    assert f"authentication refused for root@{lab.host('h1').address}" in result.stdout
+
+
+def test_changed_host_key_is_never_accepted(lab, base, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "impostor")], check=True)
+    impostor = open(tmp_path / "impostor.pub").read().split()[1]
+    known = open(lab.known_hosts).read()
+    h1 = lab.host("h1").address
+    forged = re.sub(rf"^{re.escape(h1)} ssh-ed25519 \S+$", f"{h1} ssh-ed25519 {impostor}", known, flags=re.M)
+    (tmp_path / "known_hosts").write_text(forged)
+    data = yaml.safe_load(open(base))
+    for host in data["hosts"].values():
+        host["known_hosts"] = str(tmp_path / "known_hosts")
+    result = run_fleet("deploy", "inference", "--accept-new-host-keys", "-i", variant(tmp_path, data))
+    assert result.returncode == 1
+    assert f"host key mismatch: {h1} presented a ssh-ed25519 key that does not match" in result.stdout
+    assert (tmp_path / "known_hosts").read_text() == forged
+
+
+def test_new_host_keys_are_accepted_only_when_asked(lab, base, tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    data = yaml.safe_load(open(base))
+    for host in data["hosts"].values():
+        host["known_hosts"] = str(tmp_path / "known_hosts")
+    path = variant(tmp_path, data)
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 1
+    assert len(re.findall(r"^h\d +connect +failed +unknown host key", result.stdout, re.M)) == 2
+    assert run_fleet("deploy", "inference", "--accept-new-host-keys", "-i", path).returncode == 0
+    assert len((tmp_path / "known_hosts").read_text().splitlines()) == 2
+    assert run_fleet("deploy", "inference", "-i", path).returncode == 0
+
+
+# -- a step that fails on a host ---------------------------------------------------------------------
+
+def test_bad_config_keeps_the_previous_version_serving(lab, base, tmp_path):
+    config_before = open(srv(lab, "h1", "services", "inference", "config.yaml")).read()
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["vars"] = {"modelPath": "/nonexistent/model.json"}
+    result = run_fleet("deploy", "inference", "-i", variant(tmp_path, data))
+    assert result.returncode == 1
+    assert "No such file or directory: '/nonexistent/model.json'" in result.stdout  # the log tail
+    assert "inference: previous version restored and running" in result.stdout
+    assert open(srv(lab, "h1", "services", "inference", "config.yaml")).read() == config_before
+    assert predict(lab).startswith("[0.")
+    again = run_fleet("deploy", "inference", "-i", base)
+    assert again.returncode == 0 and "no changes" in again.stdout
+
+
+def test_broken_artifact_keeps_the_previous_version_serving(lab, base, tmp_path):
+    broken = tmp_path / "broken.pyz"
+    broken.write_bytes(b"this is not a zip archive")
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["vars"] = {"artifact": str(broken)}
+    result = run_fleet("deploy", "inference", "-i", variant(tmp_path, data))
+    assert result.returncode == 1
+    assert "SyntaxError: invalid syntax" in result.stdout  # python's complaint, from the log tail
+    assert result.stdout.count("previous version restored and running") == 2
+    assert predict(lab).startswith("[0.")
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+def test_port_taken_is_reported_with_the_log_and_other_hosts_serve(lab, base, tmp_path):
+    assert run_fleet("stop", "inference", "--limit", "h1", "-i", base).returncode == 0
+    squatter = subprocess.Popen(["ip", "netns", "exec", lab.host("h1").namespace, sys.executable, "-c",
+                                 # another program on the port: accepts, speaks no gRPC, hangs up
+                                 "import socket; s=socket.socket(); s.bind(('0.0.0.0',7073)); s.listen()\n"
+                                 "while True: s.accept()[0].close()"])
+    try:
+        time.sleep(0.5)
+        result = run_fleet("deploy", "inference", "-i", base)
+        assert result.returncode == 1
+        assert "inference: exited before listening" in result.stdout
+        assert "cannot listen on 0.0.0.0:7073" in result.stdout
+        assert predict(lab).startswith("[0.")  # h0 serves alone
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+# -- Envoy configuration ------------------------------------------------------------------------------
+
+def test_invalid_envoy_config_is_never_put_in_place(lab, base, tmp_path):
+    cds = open(srv(lab, "h0", "envoy", "inference", "cds.yaml")).read()
+    envoy = pid_of(lab, "h0", "envoy-inference")
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["ingress"]["vars"] = {"connect_timeout": "-5s"}
+    result = run_fleet("deploy", "inference", "-i", variant(tmp_path, data))
+    assert result.returncode == 2 and "rejected by `envoy --mode validate`" in result.stderr
+    assert open(srv(lab, "h0", "envoy", "inference", "cds.yaml")).read() == cds
+    assert pid_of(lab, "h0", "envoy-inference") == envoy
+    assert predict(lab).startswith("[0.")
+
+
+def admin_stat(lab, name):
+    out = lab.exec("h0", sys.executable, "-c", "import urllib.request;print(urllib.request.urlopen("
+                   f"'http://127.0.0.1:9090/stats?filter=^{re.escape(name)}$').read().decode())")
+    return int(out.split(":")[1])
+
+
+def test_envoy_takes_new_config_without_dropping_connections(lab, base, tmp_path):
+    envoy = pid_of(lab, "h0", "envoy-inference")
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["ingress"]["vars"] = {"health_check_interval": "3s"}
+    errors, calls, stop = [], [0], threading.Event()
+    with grpc.insecure_channel(f"{lab.host('h0').address}:8083") as channel:
+        stub = ranking_pb2_grpc.RankingStub(channel)
+        stub.doPredict(ranking_pb2.Content(encodedStr=encode_instances([[0.0] * 8])), timeout=10)
+        connections = admin_stat(lab, "listener.0.0.0.0_8083.downstream_cx_total")
+
+        def caller():
+            while not stop.is_set():
+                try:
+                    stub.doPredict(ranking_pb2.Content(encodedStr=encode_instances([[0.0] * 8])), timeout=10)
+                    calls[0] += 1
+                except grpc.RpcError as e:
+                    errors.append(e.code())
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        try:
+            result = run_fleet("deploy", "inference", "-i", variant(tmp_path, data))
+            time.sleep(1)
+        finally:
+            stop.set()
+            thread.join()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "inference.envoy.config             changed" in result.stdout
+        assert errors == [] and calls[0] > 0
+        # One new connection only: fleet's own health check. The client kept its connection.
+        assert admin_stat(lab, "listener.0.0.0.0_8083.downstream_cx_total") == connections + 1
+    assert pid_of(lab, "h0", "envoy-inference") == envoy
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+# -- interrupted deploys ---------------------------------------------------------------------------
+
+def cold_inventory(lab, tmp_path, root):
+    """inference alone on h2 under a fresh root: a cold deploy that sends the 107 MB Envoy binary."""
+    data = {"hosts": lab.inventory_hosts(root=root), "services": {"inference": {
+        "port": 7073, "backends": ["h2"], "ingress": {"host": "h2", "port": 8083, "admin_port": 9090}}}}
+    return write_inventory(tmp_path, data, name=f"cold-{os.path.basename(root)}.yaml")
+
+
+def start_and_wait_for_transfer(lab, path, staging):
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", path], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (os.path.isdir(staging) and any(os.scandir(staging))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no transfer seen"
+        time.sleep(0.005)
+    return proc
+
+
+def assert_no_partial_files(lab, root_name):
+    root = os.path.join(lab.host("h2").srv, root_name)
+    deadline = time.monotonic() + 15
+    while os.path.exists(os.path.join(root, ".staging")) and os.listdir(os.path.join(root, ".staging")):
+        assert time.monotonic() < deadline, "the host did not clean its staging directory"
+        time.sleep(0.1)
+    assert not os.path.exists(os.path.join(root, "artifacts")), "a file was put in place from an incomplete deploy"
+    assert not os.path.exists(os.path.join(root, "services"))
+
+
+def test_ctrl_c_mid_transfer_leaves_no_partial_file(lab, tmp_path):
+    path = cold_inventory(lab, tmp_path, "/srv/cold-a")
+    proc = start_and_wait_for_transfer(lab, path, os.path.join(lab.host("h2").srv, "cold-a", ".staging"))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert_no_partial_files(lab, "cold-a")
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_fleet("stop", "inference", "-i", path).returncode == 0
+
+
+def test_dropped_connection_mid_transfer_leaves_no_partial_file(lab, tmp_path):
+    path = cold_inventory(lab, tmp_path, "/srv/cold-b")
+    proc = start_and_wait_for_transfer(lab, path, os.path.join(lab.host("h2").srv, "cold-b", ".staging"))
+    lab.exec("h2", "pkill", "-f", "sshd: root@notty")  # the host drops the session
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "connection lost during a step" in out
+    assert_no_partial_files(lab, "cold-b")
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_fleet("stop", "inference", "-i", path).returncode == 0
+
+
+# -- concurrent deploys and locks ------------------------------------------------------------------
+
+def test_concurrent_deploys_never_interleave(lab, base, tmp_path):
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["vars"] = {"modelParallelism": 5}
+    changed = variant(tmp_path, data)
+    holder = srv(lab, "h0", ".lock.holder")
+    before = os.stat(holder).st_mtime_ns
+    first = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", changed], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while os.stat(holder).st_mtime_ns == before:
+        assert first.poll() is None, "the first deploy ended before taking the lock"
+        time.sleep(0.01)
+    second = run_fleet("deploy", "inference", "-i", changed)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert second.returncode == 1
+    assert re.search(r"locked by another deploy: holder=\S+@\S+ txid=\d+-\d+ pid=\d+ since=20", second.stdout)
+    waited = run_fleet("deploy", "inference", "--wait-lock", "60", "-i", changed)
+    assert waited.returncode == 0 and "no changes" in waited.stdout
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+def test_stale_lock_is_named_and_broken_only_when_asked(lab, base):
+    lock = srv(lab, "h0", ".lock")
+    sleeper = subprocess.Popen(["ip", "netns", "exec", lab.host("h0").namespace, "flock", lock, "sleep", "120"],
+                               start_new_session=True)
+    try:
+        time.sleep(0.3)
+        with open(srv(lab, "h0", ".lock.holder"), "w") as f:
+            f.write(f"holder=alice@laptop txid=stale pid={sleeper.pid} since=2026-01-01T00:00:00Z\n")
+        result = run_fleet("deploy", "inference", "-i", base)
+        assert result.returncode == 1
+        assert "locked by another deploy: holder=alice@laptop txid=stale" in result.stdout
+        assert host_line(result.stdout, "h1") and "locked" not in host_line(result.stdout, "h1")[0]
+        result = run_fleet("deploy", "inference", "--break-lock", "-i", base)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert sleeper.wait(timeout=10) is not None
+    finally:
+        if sleeper.poll() is None:
+            os.killpg(sleeper.pid, signal.SIGKILL)
+            sleeper.wait()
+
+
+# -- convergence ------------------------------------------------------------------------------------
+
+def test_killed_envoy_is_shown_first_and_brought_back(lab, base):
+    os.kill(pid_of(lab, "h0", "envoy-inference"), signal.SIGKILL)
+    status = run_fleet("status", "inference", "-i", base)
+    assert status.returncode == 1
+    rows = [l for l in status.stdout.splitlines() if re.match(r"│ h\d ", l)]
+    assert "envoy-inference" in rows[0] and "dead" in rows[0]
+    result = run_fleet("deploy", "inference", "-i", base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^h0 +inference\.envoy\.process +changed", result.stdout, re.M)
+    assert predict(lab).startswith("[0.")
+
+
+# -- secrets ----------------------------------------------------------------------------------------
+
+SECRET = "s3cr3t-Pa55word"
+
+
+@pytest.fixture
+def redis_with_password(lab):
+    address = lab.host("h2").address
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.host("h2").namespace, "redis-server", "--port", "6379",
+                             "--bind", address, "--requirepass", SECRET, "--save", "", "--appendonly", "no",
+                             "--dir", lab.dir], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    yield f"redis://:{SECRET}@{address}:6379"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_secrets_never_appear_in_output(lab, tmp_path, redis_with_password, monkeypatch):
+    data = {"hosts": lab.inventory_hosts(), "services": {"feature": {
+        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082, "admin_port": 9093},
+        "vars": {"redisUrl": {"env": "FLEET_TEST_REDIS_URL"}}}}}
+    path = variant(tmp_path, data)
+    monkeypatch.setenv("FLEET_TEST_REDIS_URL", redis_with_password)
+    result = run_fleet("deploy", "feature", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    config = srv(lab, "h1", "services", "feature", "config.yaml")
+    assert SECRET in open(config).read() and os.stat(config).st_mode & 0o777 == 0o600
+    with grpc.insecure_channel(f"{lab.host('h0').address}:8082") as channel:
+        reply = feature_pb2_grpc.FeatureStub(channel).getUserFeatures(feature_pb2.IDs(ID=[1]), timeout=10)
+    assert reply.b64Feature[0]  # rows come from the password-protected Redis
+    monkeypatch.setenv("FLEET_TEST_REDIS_URL", redis_with_password.replace(SECRET, "an0ther-Secret"))
+    check = run_fleet("deploy", "feature", "--check", "-i", path)
+    assert check.returncode == 0
+    assert '+redisUrl: "********"' in check.stdout and "-(line hidden: this file holds secrets)" in check.stdout
+    assert SECRET not in check.stdout and "an0ther-Secret" not in check.stdout
+    monkeypatch.setenv("FLEET_TEST_REDIS_URL", redis_with_password)
+    assert run_fleet("stop", "feature", "-i", path).returncode == 0
+
+
+# -- under load -----------------------------------------------------------------------------------------
+
+def test_a_backend_killed_and_redeployed_under_load(lab, base):
+    counts = {"sent": 0, "failed": 0}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client():
+        with grpc.insecure_channel(f"{lab.host('h0').address}:8083") as channel:
+            stub = ranking_pb2_grpc.RankingStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.doPredict(ranking_pb2.Content(encodedStr=encode_instances([[0.2] * 8])), timeout=10)
+                    failed = 0
+                except grpc.RpcError:
+                    failed = 1
+                with lock:
+                    counts["sent"] += 1
+                    counts["failed"] += failed
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(2)
+        os.kill(pid_of(lab, "h1", "inference"), signal.SIGKILL)
+        time.sleep(4)
+        result = run_fleet("deploy", "inference", "-i", base)
+        time.sleep(4)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(f"\nunder load: {counts['sent']} requests sent, {counts['failed']} failed")
+    assert counts["sent"] > 100
+    assert counts["failed"] <= len(clients)  # at most those in flight on the killed backend
