@@ -5,6 +5,7 @@ Exit codes: 0 everything holds; 1 a host or check failed; 2 bad input (nothing w
 import argparse
 import os
 import sys
+import time
 
 from fleet import desired, inventory, render, roles, runner, ui, validate, verify
 from fleet.errors import UsageError
@@ -38,6 +39,7 @@ def build_parser():
     deploy = sub.add_parser("deploy", parents=[common], help="deploy and prove it answers through Envoy")
     deploy.add_argument("service", help=service_help + " (in dependency order)")
     deploy.add_argument("-C", "--check", action="store_true", help="show what would change, touch nothing")
+    deploy.add_argument("--timings", action="store_true", help="show where the time went, per phase")
     for name, help_text in (("status", "process, port and Envoy endpoint state"),
                             ("stop", "stop Envoy, then the backends")):
         sub.add_parser(name, parents=[common], help=help_text).add_argument("service", help=service_help)
@@ -93,16 +95,21 @@ def open_fleet(args, inv, lock=True, check=False):
 
 
 def cmd_deploy(args, console, fleet_box):
+    started = time.perf_counter()
     project, inv, services, limit = load(args)
     waves = [(wave, host_states(project, inv, wave, limit)) for wave in desired.deploy_order(inv, services, project)]
     for _, states in waves:  # every config is checked before any host is touched
         validate.validate_envoy_configs(states, mask=inv.mask)
+    compiled = time.perf_counter() - started
     fleet = fleet_box.open(open_fleet(args, inv, check=args.check))
     ok, changed = True, False
+
     for number, (wave, states) in enumerate(waves, 1):
         if len(waves) > 1:
             console.print(f"[bold]wave {number}/{len(waves)}[/]: {', '.join(s.name for s in wave)}")
         outcomes, checks = runner.deploy(fleet, states, wave, inv, console)
+        if args.timings:
+            ui.timings(console, outcomes, dict(fleet.timings, **{"load, render, validate": compiled}))
         if args.check:
             ui.check_report(console, {o.host: o.plan for o in outcomes if o.plan},
                             {o.host: o.error for o in outcomes if o.error})

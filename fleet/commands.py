@@ -39,7 +39,14 @@ start_proc() {
   ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c 'exec '"$3" >> "$R/log/$1.log" 2>&1 < /dev/null 9>&- ) &
   echo $! > "$R/run/$1.pid"; echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
 }
-listening() { listeners | grep -Eq "[:.]$1 +[^ ]+ +LISTEN +$2/|[:.]$1 .*pid=$2,"; }
+# Is port $1 listened on by pid $2? Read from /proc, not netstat: netstat -p walks every process
+# of the machine, too costly to poll on hosts that start many services at once.
+listening() {
+  for inode in $(awk -v port="$(printf ':%04X' "$1")" '$4 == "0A" && substr($2, length($2) - 4) == port { print $10 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
+    ls -l "/proc/$2/fd" 2>/dev/null | grep -q "socket:\[$inode\]" && return 0
+  done
+  return 1
+}
 wait_listen() {
   name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid"); i=0
   while :; do
@@ -70,7 +77,7 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     if lock:
         if break_lock:
             acquire = ('echo "@@breaking $holder"; pid=${holder##*pid=}; pid=${pid%% *}; '
-                       '[ -n "$pid" ] && kill -TERM -- "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; '
+                       '[ -n "$pid" ] && { kill -TERM "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; }; '
                        'flock -w 10 9')
         elif wait:
             acquire = f'echo "@@waiting $holder"; flock -w {int(wait)} 9'
@@ -98,6 +105,23 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
         "done",
     ]
     return "\n".join(lines) + "\n"
+
+
+def start_agent(python, source, token, idle):
+    """Replaces this root's agent (fleet/agent.py) by a new one that knows `token`; answers
+    `@@agent PORT`, or nothing if the host's Python cannot run it (then runs keep using SSH
+    commands). The token reaches the agent through a pipe, never a command line."""
+    return "\n".join([
+        'A="$R/.agent"; mkdir -p "$A" "$R/log" && chmod 700 "$A" || exit 0',
+        'old=$(cat "$A/pid" 2>/dev/null); if alive "$old" .agent; then kill "$old"; fi',
+        'rm -f "$A/port"',
+        f"printf '%s\\n' {q(token)} | ( cd \"$R\" && FLEET_PROC=\"$R/.agent\" exec setsid {q(python)} -c {q(source)} "
+        f'"$R" {int(idle)} >> "$R/log/agent.log" 2>&1 9>&- ) &',
+        'echo $! > "$A/pid"',
+        'i=0; while [ ! -s "$A/port" ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done',
+        '[ -s "$A/port" ] && echo "@@agent $(cat "$A/port")"',
+        "exit 0",
+    ]) + "\n"
 
 
 def facts(state):

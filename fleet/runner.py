@@ -2,7 +2,9 @@
 module that sequences remote work; what to run comes from desired/plan/commands."""
 
 import getpass
+import hashlib
 import os
+import secrets
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,9 @@ from dataclasses import dataclass, field
 from fleet import commands, connection, facts, plan, ui, verify
 
 MAX_PARALLEL_HOSTS = 128
+AGENT_SOURCE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")).read()
+AGENT_VERSION = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
+AGENT_IDLE_SECONDS = 900
 
 
 @dataclass
@@ -22,6 +27,7 @@ class HostOutcome:
     rolled_back: list = field(default_factory=list)  # processes put back to their previous version
     error: str | None = None
     plan: object = None
+    timings: dict = field(default_factory=dict)  # phase -> seconds (connect, facts, apply)
 
     def counts(self):
         values = list(self.steps.values())
@@ -65,6 +71,8 @@ class Fleet:
         self.txid = f"{int(time.time())}-{os.getpid()}"
         self.holder = f"{getpass.getuser()}@{socket.gethostname()} txid={self.txid}"
         self._links, self._errors = {}, {}
+        self.agents = connection.AgentCache()
+        self.timings = {}  # run-wide phases -> seconds
 
     def link(self, host):
         """(_Link, None), or (None, the one-line reason the host cannot be used)."""
@@ -75,12 +83,24 @@ class Fleet:
             conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
             script = commands.session(host.root, self.holder, lock=self.options.lock, wait=self.options.wait_lock,
                                       break_lock=self.options.break_lock)
-            self._links[host.name] = _Link(conn, conn.start_session(script))
+            use_agent = host.agent and host.connection == "ssh"
+            shell, via_agent = conn.start_session(script, self.agents.get(host, AGENT_VERSION) if use_agent else None)
+            self._links[host.name] = _Link(conn, shell)
+            if use_agent and not via_agent:
+                self._start_agent(host, shell)
         except connection.ConnectFailed as e:
             if conn is not None:
                 conn.close()
             self._errors[host.name] = self.mask(str(e))
         return self._links.get(host.name), self._errors.get(host.name)
+
+    def _start_agent(self, host, shell):
+        """Starts the host's agent inside this session, so the next run needs no login shell."""
+        token = secrets.token_hex(32)
+        result = shell.run(commands.start_agent(host.python, AGENT_SOURCE, token, AGENT_IDLE_SECONDS))
+        started = [line.split()[1] for line in result.output.splitlines() if line.startswith("@@agent ")]
+        if started:
+            self.agents.put(host, AGENT_VERSION, int(started[0]), token)
 
     def connection(self, host_name):
         link = self._links.get(host_name)
@@ -91,6 +111,7 @@ class Fleet:
             link.shell.close()
             link.connection.close()
         self._links.clear()
+        self.agents.save()
 
     def abort(self):
         """Ctrl-C: drop every connection at once; hosts clean up their staging on their own."""
@@ -115,7 +136,9 @@ def deploy(fleet, states, services, inventory, console):
         outcomes = parallel(list(states.values()), lambda state: _deploy_host(fleet, state, progress))
     if fleet.options.check:
         return outcomes, []
+    started = time.perf_counter()
     checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
+    fleet.timings["check through Envoy"] = fleet.timings.get("check through Envoy", 0) + time.perf_counter() - started
     return outcomes, checks
 
 
@@ -123,7 +146,9 @@ def _deploy_host(fleet, state, progress):
     name = state.host.name
     outcome = HostOutcome(host=name)
     progress.step(name, "connect", "running")
+    started = time.perf_counter()
     link, outcome.error = fleet.link(state.host)
+    outcome.timings["connect"] = time.perf_counter() - started
     if link is None:
         outcome.steps["connect"] = "failed"
         progress.step(name, "connect", "failed", outcome.error)
@@ -139,7 +164,9 @@ def _deploy_host(fleet, state, progress):
 def _deploy_linked(fleet, shell, state, outcome, progress):
     name = state.host.name
     progress.step(name, "facts", "running")
+    started = time.perf_counter()
     result = shell.run(commands.facts(state))
+    outcome.timings["facts"] = time.perf_counter() - started
     if result.exit_code != 0:
         outcome.error = fleet.mask(f"gathering facts failed (exit {result.exit_code}): {_last_line(result.output)}")
         progress.step(name, "facts", "failed", outcome.error)
@@ -160,7 +187,9 @@ def _deploy_linked(fleet, shell, state, outcome, progress):
                 progress.step(name, label, status)
 
         progress.step(name, "apply", "running")
+        started = time.perf_counter()
         result = shell.run(commands.apply(host_plan, fleet.txid), payload=host_plan.payload, on_line=on_line)
+        outcome.timings["apply"] = time.perf_counter() - started
         report = facts.parse(result.output)
         done = dict(report.steps)
         for label, status in outcome.steps.items():

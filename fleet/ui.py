@@ -154,3 +154,19 @@ def recommendations(console, address, users, answers):
         for rank, (item, score) in enumerate(answer, 1):
             table.add_row(str(user) if rank == 1 else "", str(rank), str(item), f"{score:.6f}")
     console.print(table)
+
+
+def timings(console, outcomes, run_phases):
+    """Per-host phases (median and slowest host) and run-wide phases, in seconds."""
+    table = Table(title="where the time went", header_style="bold")
+    for column in ("phase", "median host", "slowest host", "hosts"):
+        table.add_column(column, justify="right" if column != "phase" else "left")
+    for phase in ("connect", "facts", "apply"):
+        values = sorted(o.timings[phase] for o in outcomes if phase in o.timings)
+        if values:
+            slowest = max(outcomes, key=lambda o: o.timings.get(phase, -1))
+            table.add_row(phase, f"{values[len(values) // 2]:.2f}", f"{values[-1]:.2f} ({slowest.host})",
+                          str(len(values)))
+    for phase, seconds in run_phases.items():
+        table.add_row(phase, "", f"{seconds:.2f}", "run")
+    console.print(table)

@@ -40,4 +40,6 @@ def _validate(binary, text):
         return None
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
     # Drop Envoy's "[time][thread][level][logger] [source:line] " prefix: the reason is what matters.
-    return _LOG_PREFIX.sub("", lines[-1]) if lines else f"exit code {proc.returncode}"
+    reason = _LOG_PREFIX.sub("", lines[-1]) if lines else f"exit code {proc.returncode}"
+    # Envoy appends the whole config as JSON to some errors: the reason comes before it.
+    return reason.split(": {", 1)[0] if len(reason) > 300 else reason

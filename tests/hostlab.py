@@ -117,6 +117,7 @@ MaxStartups {self.max_startups}
 MaxSessions 100
 AllowTcpForwarding yes
 Subsystem sftp internal-sftp
+LogLevel VERBOSE
 """)
         return path
 
@@ -172,6 +173,10 @@ Subsystem sftp internal-sftp
         host = self.host(name)
         self._start_sshd(host)
         self.wait_ready()
+
+    def sshd_log(self, name):
+        with open(os.path.join(self.dir, self.host(name).namespace, "sshd.log")) as f:
+            return f.read()
 
     def inventory_hosts(self, root="/srv/fleet"):
         """The `hosts:` mapping of an inventory for these hosts. The hosts share this machine's

@@ -280,7 +280,9 @@ def test_dropped_connection_mid_transfer_leaves_no_partial_file(lab, tmp_path):
 
 def test_concurrent_deploys_never_interleave(lab, base, tmp_path):
     data = yaml.safe_load(open(base))
-    data["services"]["inference"]["vars"] = {"modelParallelism": 5}
+    # A version that takes 3 s to come up keeps the first deploy busy while the second starts.
+    data["services"]["inference"]["vars"] = {
+        "command": "sh -c 'sleep 3 && exec {{ host.python }} {{ artifact_path }} {{ entry }} -c {{ config_path }}'"}
     changed = variant(tmp_path, data)
     holder = srv(lab, "h0", ".lock.holder")
     before = os.stat(holder).st_mtime_ns
