@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,8 @@ def bench(n, with_ansible, lab_id):
 
 
 def main():
+    # A killed benchmark still removes its hosts (HostLab's context exit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="2,20,100", help="comma-separated N values")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results.json"))

@@ -27,8 +27,8 @@ stop_proc() {
   pid=$(cat "$R/run/$1.pid" 2>/dev/null)
   if alive "$pid" "$1"; then
     kill -TERM "$pid" 2>/dev/null; i=0
-    while alive "$pid" "$1" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-    alive "$pid" "$1" && kill -KILL "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    kill -KILL "$pid" 2>/dev/null
   fi
   rm -f "$R/run/$1.pid" "$R/run/$1.fp"
 }
@@ -39,23 +39,32 @@ start_proc() {
   ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c 'exec '"$3" >> "$R/log/$1.log" 2>&1 < /dev/null 9>&- ) &
   echo $! > "$R/run/$1.pid"; echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
 }
-# Is port $1 listened on by pid $2? Read from /proc, not netstat: netstat -p walks every process
-# of the machine, too costly to poll on hosts that start many services at once.
+# Is port $1 (in hex) listened on by pid $2? Read from /proc with shell builtins: netstat -p walks
+# every process of the machine, and each fork counts when a host starts many services at once.
 listening() {
-  for inode in $(awk -v port="$(printf ':%04X' "$1")" '$4 == "0A" && substr($2, length($2) - 4) == port { print $10 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
-    ls -l "/proc/$2/fd" 2>/dev/null | grep -q "socket:\[$inode\]" && return 0
+  inodes=
+  for table in /proc/net/tcp /proc/net/tcp6; do
+    [ -r "$table" ] || continue
+    while read -r _ local _ st _ _ _ _ _ inode _; do
+      [ "$st" = 0A ] && [ "${local##*:}" = "$1" ] && inodes="$inodes $inode"
+    done < "$table"
   done
+  [ -n "$inodes" ] || return 1
+  fds=$(ls -l "/proc/$2/fd" 2>/dev/null)
+  for inode in $inodes; do case "$fds" in *"socket:[$inode]"*) return 0 ;; esac; done
   return 1
 }
 wait_listen() {
-  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid"); i=0
+  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid"); waited=0; step=1
+  hexports=; for port in "$@"; do hexports="$hexports $(printf '%04X' "$port")"; done
   while :; do
     # kill -0, not alive: until setsid execs, the fresh pid's environment lacks FLEET_PROC.
     if ! kill -0 "$pid" 2>/dev/null; then echo "@@fail $name exited before listening"; return 1; fi
-    ok=1; for port in "$@"; do listening "$port" "$pid" || { ok=0; break; }; done
+    ok=1; for hex in $hexports; do listening "$hex" "$pid" || { ok=0; break; }; done
     [ $ok = 1 ] && return 0
-    i=$((i+1)); if [ $i -ge $((timeout*10)) ]; then echo "@@fail $name not listening on port $port after ${timeout}s"; return 1; fi
-    sleep 0.1
+    if [ $waited -ge $((timeout*10)) ]; then echo "@@fail $name not listening on port(s) $* after ${timeout}s"; return 1; fi
+    # Back off from 0.1 s to 0.5 s between looks: fewer wake-ups while many services start.
+    sleep "0.$step"; waited=$((waited+step)); [ $step -lt 5 ] && step=$((step+1))
   done
 }
 log_tail() { echo "@@log $1"; tail -n 20 "$R/log/$1.log" 2>/dev/null; echo "@@end"; }

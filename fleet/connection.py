@@ -4,7 +4,9 @@ ssh: one paramiko connection per host, reused for the run's one shell session an
 local: this machine, through /bin/sh, for the embedded default inventory.
 Both run commands.session() and feed it step scripts through a ScriptSession."""
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -14,6 +16,11 @@ from dataclasses import dataclass
 import paramiko
 
 from fleet import commands
+
+
+# paramiko logs refused channels (an agent that is gone) to stderr; fleet reports what matters itself.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 class ConnectFailed(Exception):
@@ -118,7 +125,7 @@ class LocalConnection:
     def __init__(self):
         self.processes = []
 
-    def start_session(self, script, agent=None):
+    def start_session(self, script, agent=None, shell_slot=None):
         """(ScriptSession, False): this machine needs no agent, a shell costs nothing here."""
         # A session of its own, as sshd gives: --break-lock can end it as a process group.
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -189,20 +196,22 @@ class SSHConnection:
             reason = e.strerror or str(e) or type(e).__name__
             raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {reason}") from None
 
-    def start_session(self, script, agent=None):
+    def start_session(self, script, agent=None, shell_slot=contextlib.nullcontext()):
         """(ScriptSession, whether it runs through the host's agent). With `agent` (port, token),
         the session is started by the agent, through a tunnel, without a login shell; if that
-        agent is gone, by an SSH command as usual."""
+        agent is gone, by an SSH command as usual, inside `shell_slot` (a context manager that
+        limits how many login shells start at once)."""
         if agent is not None:
             session = self._agent_session(script, *agent)
             if session is not None:
                 return session, True
-        channel = self.client.get_transport().open_session()
-        channel.set_combine_stderr(True)
-        channel.exec_command(script)
-        chunks = iter(lambda: channel.recv(65536), b"")
-        session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, channel.recv_exit_status)
-        session.start()
+        with shell_slot:
+            channel = self.client.get_transport().open_session()
+            channel.set_combine_stderr(True)
+            channel.exec_command(script)
+            chunks = iter(lambda: channel.recv(65536), b"")
+            session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, channel.recv_exit_status)
+            session.start()
         return session, False
 
     def _agent_session(self, script, port, token):

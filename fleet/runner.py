@@ -6,6 +6,7 @@ import hashlib
 import os
 import secrets
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ MAX_PARALLEL_HOSTS = 128
 AGENT_SOURCE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")).read()
 AGENT_VERSION = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
 AGENT_IDLE_SECONDS = 900
+# Login shells started at once. Where hosts' shells serialise on a shared lock (pyenv or conda
+# init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
+# starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
+LOGIN_SHELLS_AT_ONCE = 8
 
 
 @dataclass
@@ -72,6 +77,7 @@ class Fleet:
         self.holder = f"{getpass.getuser()}@{socket.gethostname()} txid={self.txid}"
         self._links, self._errors = {}, {}
         self.agents = connection.AgentCache()
+        self._shell_slots = threading.BoundedSemaphore(LOGIN_SHELLS_AT_ONCE)
         self.timings = {}  # run-wide phases -> seconds
 
     def link(self, host):
@@ -84,7 +90,8 @@ class Fleet:
             script = commands.session(host.root, self.holder, lock=self.options.lock, wait=self.options.wait_lock,
                                       break_lock=self.options.break_lock)
             use_agent = host.agent and host.connection == "ssh"
-            shell, via_agent = conn.start_session(script, self.agents.get(host, AGENT_VERSION) if use_agent else None)
+            shell, via_agent = conn.start_session(script, self.agents.get(host, AGENT_VERSION) if use_agent else None,
+                                                  shell_slot=self._shell_slots)
             self._links[host.name] = _Link(conn, shell)
             if use_agent and not via_agent:
                 self._start_agent(host, shell)
