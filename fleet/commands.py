@@ -4,7 +4,6 @@ Every remote command costs a login shell (~150 ms on our hosts), so fleet starts
 host per run: session() below, a small shell loop that holds the host's deploy lock and runs the
 step scripts (facts, apply, stop) that the controller sends over stdin, one after the other."""
 
-import posixpath
 import shlex
 
 q = shlex.quote

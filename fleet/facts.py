@@ -33,7 +33,6 @@ class Report:
     stopped: list = field(default_factory=list)
     not_running: list = field(default_factory=list)
     rolled_back: list = field(default_factory=list)
-    listener_tool_output: str = ""
 
 
 def parse(text):
@@ -55,9 +54,7 @@ def parse(text):
             report.procs[name] = ProcState(name=name, pid=int(pid) if pid.isdigit() else None, alive=alive == "1",
                                            fingerprint=None if fp == "-" else fp)
         elif kind == "netstat":
-            body = _block(lines)
-            report.listener_tool_output = "\n".join(body)
-            report.listeners = parse_listeners(body)
+            report.listeners = parse_listeners(_block(lines))
         elif kind == "step":
             label, _, status = rest.partition(" ")
             report.steps.append((label, status))

@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass, field
 
 from fleet import yamlsource
-from fleet.errors import UsageError
 
 HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent"}
 HOST_DEFAULTS = {

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from fleet import desired, inventory, render, roles
+from tests.hostlab import HostLab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,3 +37,18 @@ def run_fleet(*args, timeout=300):
 @pytest.fixture
 def fleet_project():
     return project()
+
+
+@pytest.fixture(scope="module")
+def lab(request):
+    """Namespace hosts h0, h1, ... for a test module; its LAB_HOSTS says how many (default 2).
+    Creation failures raise: the tests stop, nothing else is contacted."""
+    with HostLab(getattr(request.module, "LAB_HOSTS", 2)) as lab:
+        yield lab
+
+
+def inference_inventory(lab, **overrides):
+    """inference on backends h0 and h1, Envoy on h0 (8083, admin 9090), as inventory data."""
+    service = {"port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}
+    service.update(overrides)
+    return {"hosts": lab.inventory_hosts(), "services": {"inference": service}}

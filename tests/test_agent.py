@@ -12,21 +12,12 @@ import time
 import pytest
 
 from fleet import agent
-from tests.conftest import run_fleet, write_inventory
-from tests.hostlab import HostLab
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with HostLab(2) as lab:
-        yield lab
+from tests.conftest import inference_inventory, run_fleet, write_inventory
 
 
 @pytest.fixture(scope="module")
 def inventory(lab, tmp_path_factory):
-    data = {"hosts": lab.inventory_hosts(), "services": {"inference": {
-        "port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
-    return write_inventory(tmp_path_factory.mktemp("agent"), data)
+    return write_inventory(tmp_path_factory.mktemp("agent"), inference_inventory(lab))
 
 
 def ssh_commands(lab, host):

@@ -11,22 +11,12 @@ import pytest
 from fleet.services import model
 from fleet.services.inference import encode_instances
 from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
-from tests.conftest import run_fleet, write_inventory
-from tests.hostlab import HostLab
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with HostLab(2) as lab:  # creation failures raise: the tests stop, nothing else is contacted
-        yield lab
+from tests.conftest import inference_inventory, run_fleet, write_inventory
 
 
 @pytest.fixture(scope="module")
 def inventory(lab, tmp_path_factory):
-    data = {"hosts": lab.inventory_hosts(), "services": {"inference": {
-        "port": 7073, "backends": ["h0", "h1"],
-        "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
-    return write_inventory(tmp_path_factory.mktemp("inv"), data)
+    return write_inventory(tmp_path_factory.mktemp("inv"), inference_inventory(lab))
 
 
 def listeners(lab, host):

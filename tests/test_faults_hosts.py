@@ -16,22 +16,10 @@ import yaml
 
 from fleet.services.inference import encode_instances
 from fleet.services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from tests.conftest import REPO, run_fleet, write_inventory
-from tests.hostlab import HostLab
+from tests.conftest import REPO, inference_inventory, run_fleet, write_inventory
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with HostLab(3) as lab:
-        yield lab
-
-
-def inference_inventory(lab, **overrides):
-    data = {"hosts": lab.inventory_hosts(), "services": {"inference": {
-        "port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
-    for key, value in overrides.items():
-        data["services"]["inference"][key] = value
-    return data
+LAB_HOSTS = 3
 
 
 @pytest.fixture(scope="module")

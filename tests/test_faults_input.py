@@ -6,21 +6,12 @@ import os
 import pytest
 import yaml
 
-from tests.conftest import run_fleet, write_inventory
-from tests.hostlab import HostLab
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with HostLab(2) as lab:
-        yield lab
+from tests.conftest import inference_inventory, run_fleet
 
 
 @pytest.fixture(scope="module")
 def good(lab):
-    return yaml.safe_dump({"hosts": lab.inventory_hosts(), "services": {"inference": {
-        "port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}},
-        sort_keys=False)
+    return yaml.safe_dump(inference_inventory(lab), sort_keys=False)
 
 
 def replace_line(text, old, new):

@@ -10,15 +10,11 @@ import pytest
 from fleet import verify
 from tests import expected
 from tests.conftest import run_fleet, write_inventory
-from tests.hostlab import HostLab
 
 USERS = [0, 5, 42]
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with HostLab(4) as lab:
-        yield lab
+LAB_HOSTS = 4
 
 
 @pytest.fixture(scope="module")
