@@ -38,7 +38,10 @@ def _run(*cmd):
 
 class HostLab:
     def __init__(self, count, lab_id=None, max_startups="200:30:400"):
-        self.lab_id = lab_id if lab_id is not None else os.getpid() % 200 + 20
+        # FLEET_LAB_ID: an id of its own for each checkout that runs tests on this machine at once.
+        if lab_id is None:
+            lab_id = int(os.environ["FLEET_LAB_ID"]) if os.environ.get("FLEET_LAB_ID") else os.getpid() % 200 + 20
+        self.lab_id = lab_id
         self.tag = f"fl{self.lab_id}"
         self.count = count
         self.max_startups = max_startups
