@@ -101,8 +101,18 @@ def cmd_deploy(args, console, fleet_box):
     for _, states in waves:  # every config is checked before any host is touched
         validate.validate_envoy_configs(states, mask=inv.mask)
     compiled = time.perf_counter() - started
-    fleet = fleet_box.open(open_fleet(args, inv, check=args.check))
+    # --check only reads: it takes no lock and changes nothing, so it never waits for a deploy.
+    fleet = fleet_box.open(open_fleet(args, inv, lock=not args.check, check=args.check))
     ok, changed = True, False
+    if not args.check:
+        hosts = {name: state.host for _, states in waves for name, state in states.items()}
+        locked = fleet.lock_all(hosts.values())
+        if locked:
+            for name, reason in sorted(locked.items()):
+                console.print(f"{name}: {reason}")
+            ui.error(f"nothing was changed on any host: {len(locked)} of {len(hosts)} host(s) are locked by "
+                     "another run (a deploy takes every host's lock before it changes any)")
+            return EXIT_FAILED
 
     for number, (wave, states) in enumerate(waves, 1):
         if len(waves) > 1:

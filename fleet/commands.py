@@ -1,20 +1,29 @@
-"""Shell scripts run on hosts, built as plain strings. Pure; nothing here runs.
+"""Shell scripts run on hosts, built as values. Pure; nothing here runs.
 
-Every remote command costs a login shell (~150 ms on our hosts), so fleet starts exactly one per
-host per run: session() below, a small shell loop that holds the host's deploy lock and runs the
-step scripts (facts, apply, stop) that the controller sends over stdin, one after the other."""
+Every remote command costs a login shell (~150 ms on hosts whose shell rc runs pyenv or conda
+init), so fleet starts exactly one per host per run: session() below, a small shell loop that
+holds the host's deploy lock and runs the step scripts (facts, apply, stop) that the controller
+sends over stdin, one after the other (fleet/protocol.py frames them).
 
-import shlex
+Quoting is structural: script lines are built with shell.line(), which quotes every word that is
+not shell.Raw, so no name, path or value from an inventory can become shell syntax. The fixed
+shell code below (_PRELUDE) refers to values only through quoted variables and arguments."""
 
-q = shlex.quote
+from dataclasses import dataclass
 
-RUN_MARKER = "@@run"
-LOCKED_EXIT = 75
+from fleet import protocol as P
+from fleet.shell import Raw, assign, line, script, word
 
-# Functions shared by every step. A process is ours only if its environment carries
-# FLEET_PROC=<root>/<name>: a recycled pid is never mistaken for a service.
-_PRELUDE = r"""
+# Seconds a process has to exit after SIGTERM before it is killed.
+STOP_GRACE_SECONDS = 10
+
+# Functions shared by every step and by a switch (apply) running detached. A process is ours only
+# if its environment carries FLEET_PROC=<root>/<name>: a recycled pid is never mistaken for it.
+_PRELUDE = Raw(r"""
+running() { alive "$(cat "$R/run/$1.pid" 2>/dev/null)" "$1"; }
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "FLEET_PROC=$R/$2"; }
+# Gone, or a zombie not yet reaped by the shell that started it.
+gone() { ! kill -0 "$1" 2>/dev/null || [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)" = Z ]; }
 procstate() {
   pid=$(cat "$R/run/$1.pid" 2>/dev/null); fp=$(cat "$R/run/$1.fp" 2>/dev/null)
   if alive "$pid" "$1"; then a=1; else a=0; fi
@@ -22,20 +31,35 @@ procstate() {
 }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
 report_listeners() { echo "@@netstat"; listeners; echo "@@end"; }
-stop_proc() {
-  pid=$(cat "$R/run/$1.pid" 2>/dev/null)
-  if alive "$pid" "$1"; then
-    kill -TERM "$pid" 2>/dev/null; i=0
-    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+report_addresses() {
+  if command -v ip >/dev/null 2>&1; then a=$(ip -o addr show 2>/dev/null | awk '{split($4, p, "/"); print p[1]}')
+  else a=$(hostname -I 2>/dev/null); fi
+  echo "@@addresses $(echo "$a" | tr '\n' ' ')"
+}
+# SIGTERM to every named process of ours at once, SIGKILL to those still there after the grace.
+stop_procs() {
+  pids=
+  for name in "$@"; do
+    pid=$(cat "$R/run/$name.pid" 2>/dev/null)
+    if alive "$pid" "$name"; then kill -TERM "$pid" 2>/dev/null; pids="$pids $pid"; fi
+    rm -f "$R/run/$name.pid" "$R/run/$name.fp"
+  done
+  waited=0
+  for pid in $pids; do
+    while ! gone "$pid" && [ "$waited" -lt $((GRACE * 10)) ]; do sleep 0.1; waited=$((waited + 1)); done
     kill -KILL "$pid" 2>/dev/null
-  fi
-  rm -f "$R/run/$1.pid" "$R/run/$1.fp"
+  done
 }
 start_proc() {
   mkdir -p "$R/run" "$R/log"
-  echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet start $2" >> "$R/log/$1.log"
+  log="$R/log/$1.log"
+  [ -f "$log" ] || : > "$log"
+  chmod 640 "$log"
+  # Where this run's output starts: a failed start shows only what this start printed.
+  wc -c < "$log" | tr -d ' ' > "$R/run/$1.logpos"
+  echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet start $2" >> "$log"
   # 9>&-: the service must not inherit the deploy lock.
-  ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c 'exec '"$3" >> "$R/log/$1.log" 2>&1 < /dev/null 9>&- ) &
+  ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c "exec $3" >> "$log" 2>&1 < /dev/null 9>&- ) &
   echo $! > "$R/run/$1.pid"; echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
 }
 # Is port $1 (in hex) listened on by pid $2? Read from /proc with shell builtins: netstat -p walks
@@ -57,62 +81,102 @@ wait_listen() {
   name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid"); waited=0; step=1
   hexports=; for port in "$@"; do hexports="$hexports $(printf '%04X' "$port")"; done
   while :; do
-    # kill -0, not alive: until setsid execs, the fresh pid's environment lacks FLEET_PROC.
-    if ! kill -0 "$pid" 2>/dev/null; then echo "@@fail $name exited before listening"; return 1; fi
+    if gone "$pid"; then echo "@@fail $name exited before listening"; return 1; fi
     ok=1; for hex in $hexports; do listening "$hex" "$pid" || { ok=0; break; }; done
-    [ $ok = 1 ] && return 0
-    if [ $waited -ge $((timeout*10)) ]; then echo "@@fail $name not listening on port(s) $* after ${timeout}s"; return 1; fi
+    [ "$ok" = 1 ] && return 0
+    if [ "$waited" -ge $((timeout * 10)) ]; then echo "@@fail $name not listening on port(s) $* after ${timeout}s"; return 1; fi
     # Back off from 0.1 s to 0.5 s between looks: fewer wake-ups while many services start.
-    sleep "0.$step"; waited=$((waited+step)); [ $step -lt 5 ] && step=$((step+1))
+    sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 5 ] && step=$((step + 1))
   done
 }
-log_tail() { echo "@@log $1"; tail -n 20 "$R/log/$1.log" 2>/dev/null; echo "@@end"; }
-receive() { dd bs=65536 iflag=fullblock,count_bytes count="$2" of="$S/$1" status=none && [ "$(wc -c < "$S/$1")" -eq "$2" ]; }
-place() {
-  mkdir -p "$(dirname "$2")" && chmod "$3" "$S/$1" && { [ ! -f "$2" ] || cp -p "$2" "$B/$1"; } && mv -f "$S/$1" "$2"
+log_tail() {
+  echo "@@log $1"; pos=$(cat "$R/run/$1.logpos" 2>/dev/null)
+  tail -c "+$((${pos:-0} + 1))" "$R/log/$1.log" 2>/dev/null | tail -n 20; echo "@@end"
 }
-save_previous() { if alive "$(cat "$R/run/$1.pid" 2>/dev/null)" "$1"; then cp "$R/run/$1.cmd" "$B/$1.cmd" && cp "$R/run/$1.fp" "$B/$1.fp"; fi; }
-restore() { [ ! -f "$B/$1" ] || mv -f "$B/$1" "$2"; }
-"""
+# Reads exactly $2 bytes of stdin into staging member $1, whatever happens: a write that fails
+# (a full disk) drains the rest, so the bytes of later files are never read as script lines.
+receive() {
+  dd bs=65536 iflag=fullblock,count_bytes count="$2" status=none | { cat > "$S/$1" 2> "$S/$1.err" || { cat > /dev/null; false; }; }
+  [ "$(wc -c < "$S/$1" 2>/dev/null)" -eq "$2" ] && return 0
+  echo "@@fail transfer $3 did not arrive whole: $(cat "$S/$1.err" 2>/dev/null || echo 'connection ended')"; return 1
+}
+# Puts staging member $1 at path $2 with mode $3, keeping the file it replaces for a rollback.
+place() {
+  mkdir -p "$(dirname "$2")" && chmod "$3" "$S/$1" && { [ ! -f "$2" ] || cp -p "$2" "$J/previous/$1"; } && mv -f "$S/$1" "$2"
+}
+save_previous() { if running "$1"; then cp "$R/run/$1.cmd" "$J/previous/$1.cmd" && cp "$R/run/$1.fp" "$J/previous/$1.fp"; fi; }
+restore() { [ ! -f "$J/previous/$1" ] || mv -f "$J/previous/$1" "$2"; }
+# Starts the previous version of process $1 again (its files were restored), if there was one.
+start_previous() {
+  [ -f "$J/previous/$1.cmd" ] || return 1
+  stop_procs "$1"; start_proc "$1" "$(cat "$J/previous/$1.fp")" "$(cat "$J/previous/$1.cmd")"
+}
+# A switch (apply) that ended, or was cut off, while no controller was listening: report it,
+# and with `act` (this session holds the lock) roll an interrupted one back.
+recover() {
+  for d in "$R"/.switch/*; do
+    [ -d "$d" ] || continue
+    t=${d##*/}
+    if [ -f "$d/outcome" ]; then
+      echo "@@switched $t $(cat "$d/outcome")"; [ "$1" = act ] && rm -rf "$d"
+    elif [ "$1" = act ]; then
+      sh "$d/switch.sh" rollback > "$d/recovery" 2>&1; grep '^@@' "$d/recovery"; rm -rf "$d"
+    else
+      echo "@@unfinished $t"
+    fi
+  done
+  [ "$1" = act ] && rm -rf "$R/.staging"
+  return 0
+}
+""")
+
+
+def prelude(root):
+    """What every session and switch starts with: the root, the stop grace, a umask that keeps
+    every file fleet creates (staging, logs, lock holder, rendered secrets) private to its owner,
+    and the shared functions. Step scripts run inside a session, so they can use all of it."""
+    # The prelude's functions are called by the steps that come after it (SC2317 cannot see that).
+    return script(Raw("# shellcheck disable=SC2317"), assign("R", root), Raw(f"GRACE={int(STOP_GRACE_SECONDS)}"), Raw("umask 077"), _PRELUDE)
 
 
 def session(root, holder, lock=True, wait=0, break_lock=False):
     """The one remote command of a run: takes the host's lock (flock, released when the session
-    ends however it ends), then runs each step script sent on stdin, ended by a RUN_MARKER line,
-    in a subshell, answering `@@done EXIT_CODE`. Ends at end of input."""
-    lines = [f"R={q(root)}", _PRELUDE,
-             'mkdir -p "$R" || { echo "@@fail session cannot create $R"; exit 1; }']
+    ends however it ends), then runs each step script sent on stdin, ended by a protocol.RUN
+    line, in a subshell, answering protocol.DONE with its exit code. Ends at end of input."""
+    lines = [prelude(root), Raw('mkdir -p "$R" || { echo "@@fail session cannot create $R"; exit 1; }')]
     if lock:
         if break_lock:
-            acquire = ('echo "@@breaking $holder"; pid=${holder##*pid=}; pid=${pid%% *}; '
-                       '[ -n "$pid" ] && { kill -TERM "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; }; '
-                       'flock -w 10 9')
+            acquire = Raw('echo "@@breaking $holder"; pid=${holder##*pid=}; pid=${pid%% *}; '
+                          '[ -n "$pid" ] && { kill -TERM "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; }; '
+                          'flock -w 10 9')
         elif wait:
-            acquire = f'echo "@@waiting $holder"; flock -w {int(wait)} 9'
+            acquire = Raw(f'echo "@@waiting $holder"; flock -w {int(wait)} 9')
         else:
-            acquire = "false"
+            acquire = Raw("false")
         lines += [
-            'exec 9>>"$R/.lock"',
-            "if ! flock -n 9; then",
-            '  holder=$(cat "$R/.lock.holder" 2>/dev/null)',
-            f'  {acquire} || {{ echo "@@locked $holder"; exit {LOCKED_EXIT}; }}',
-            "fi",
-            f'echo "holder={holder} pid=$$ since=$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$R/.lock.holder"',
+            Raw('exec 9>>"$R/.lock"'),
+            Raw("if ! flock -n 9; then"),
+            Raw('  holder=$(cat "$R/.lock.holder" 2>/dev/null)'),
+            Raw(f'  {acquire} || {{ echo "@@locked $holder"; exit {P.LOCKED_EXIT}; }}'),
+            Raw("fi"),
+            line(Raw("printf '%s pid=%s since=%s\\n'"), f"holder={holder}", Raw('"$$"'),
+                 Raw('"$(date -u +%Y-%m-%dT%H:%M:%SZ)"'), Raw('> "$R/.lock.holder"')),
+            Raw('chmod 600 "$R/.lock.holder"'),
         ]
     lines += [
-        'echo "@@ready"',
-        "while :; do",
-        "  script=; complete=",
-        "  while IFS= read -r line; do",
-        f'    if [ "$line" = {RUN_MARKER} ]; then complete=1; break; fi',
-        '    script="$script$line',
-        '"',
-        "  done",
-        '  [ -n "$complete" ] || break',
-        '  ( eval "$script" ); echo "@@done $?"',
-        "done",
+        Raw(f'echo "{P.READY}"'),
+        Raw("while :; do"),
+        Raw("  script=; complete="),
+        Raw("  while IFS= read -r line; do"),
+        Raw(f'    if [ "$line" = {P.RUN} ]; then complete=1; break; fi'),
+        Raw('    script="$script$line'),
+        Raw('"'),
+        Raw("  done"),
+        Raw('  [ -n "$complete" ] || break'),
+        Raw(f'  ( eval "$script" ); echo "{P.DONE} $?"'),
+        Raw("done"),
     ]
-    return "\n".join(lines) + "\n"
+    return script(*lines)
 
 
 def start_agent(python, source, token, idle):
@@ -123,7 +187,7 @@ def start_agent(python, source, token, idle):
         'A="$R/.agent"; mkdir -p "$A" "$R/log" && chmod 700 "$A" || exit 0',
         'old=$(cat "$A/pid" 2>/dev/null); if alive "$old" .agent; then kill "$old"; fi',
         'rm -f "$A/port"',
-        f"printf '%s\\n' {q(token)} | ( cd \"$R\" && FLEET_PROC=\"$R/.agent\" exec setsid {q(python)} -c {q(source)} "
+        f"printf '%s\\n' {line(token)} | ( cd \"$R\" && FLEET_PROC=\"$R/.agent\" exec setsid {line(python)} -c {line(source)} "
         f'"$R" {int(idle)} >> "$R/log/agent.log" 2>&1 9>&- ) &',
         'echo $! > "$A/pid"',
         'i=0; while [ ! -s "$A/port" ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done',
@@ -132,65 +196,148 @@ def start_agent(python, source, token, idle):
     ]) + "\n"
 
 
-def facts(state):
-    """What is on the host now: files, managed file contents, processes, listeners."""
-    lines = []
+def facts(state, recover=True):
+    """What is on the host now: files, managed file contents, processes, listeners, addresses.
+    First, a switch that a dropped connection left unfinished is rolled back (with the lock held;
+    a read-only run only reports it)."""
+    lines = [line(Raw("recover"), "act" if recover else "report")]
     for f in state.files:
         if f.content is None:
-            lines.append(f'if [ -e {q(f.path)} ]; then echo "@@file present {f.path}"; '
-                         f'else echo "@@file absent {f.path}"; fi')
+            lines.append(line(Raw("if [ -e"), f.path, Raw("]; then echo"), f"{P.FILE} present {f.path}",
+                              Raw("; else echo"), f"{P.FILE} absent {f.path}", Raw("; fi")))
         else:
-            lines.append(f'if [ -f {q(f.path)} ]; then echo "@@content {f.path}"; base64 < {q(f.path)}; '
-                         f'echo "@@end"; else echo "@@file absent {f.path}"; fi')
-    lines += [f"procstate {q(p.name)}" for p in state.processes]
-    lines.append("report_listeners")
-    return "\n".join(lines) + "\n"
+            lines.append(line(Raw("if [ -f"), f.path, Raw("]; then echo"), f"{P.CONTENT} {f.path}",
+                              Raw("; base64 <"), f.path, Raw(f'; echo "{P.END}"; else echo'),
+                              f"{P.FILE} absent {f.path}", Raw("; fi")))
+    lines += [line(Raw("procstate"), p.name) for p in state.processes]
+    lines += [Raw("report_listeners"), Raw("report_addresses")]
+    return script(*lines)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """An apply step: the script the session runs, and the payload it reads after it (the changed
+    files, then the switch script that the host runs detached from the connection)."""
+
+    script: str
+    payload: list  # (member, spec with .content or .source)
+
+
+@dataclass(frozen=True)
+class _Text:
+    content: bytes
+    source: None = None
 
 
 def apply(plan, txid):
-    """Receives the changed files, puts them in place and (re)starts what changed, then reports
-    like facts(). Files arrive on stdin right after the script, each exactly its size, into a
-    staging directory under the root, and are renamed into place only once all have arrived: an
-    interrupted deploy never leaves a half-written file. A process whose new version does not
-    come up gets its previous files and command back."""
-    lines = ["failed=0", f'S="$R/.staging/{txid}"; B="$R/.rollback/{txid}"',
-             # Leftovers of interrupted deploys: nobody else uses them, we hold the lock.
-             'rm -rf "$R/.staging" "$R/.rollback"; mkdir -p "$S" "$B" && trap \'rm -rf "$S" "$B"\' EXIT']
-    for member, spec in plan.payload:
-        lines.append(f'receive {member} {plan.size(spec)} || {{ echo "@@fail transfer {spec.path} did not arrive '
-                     f'whole"; exit 3; }}')
+    """Receives the changed files into staging, then switches: a script run detached from the
+    connection, with its output journalled under ROOT/.switch/TXID, renames the files into place,
+    restarts what changed and waits for it to listen; a process whose new version does not come up
+    gets its previous files and command back. The switch holds the deploy lock (it inherits the
+    session's lock descriptor) until it ends, so a dropped connection or a killed controller never
+    leaves it half done; the next run reports how it ended, or rolls back one that was cut off
+    (a host reboot): see recover in the prelude."""
+    txid = str(txid)
+    payload = list(plan.payload)
+    switch_script = _switch(plan, txid).encode()
+    sizes = [(member, plan.size(spec), spec.path) for member, spec in payload]
+    need_kb = sum(size for _, size, _ in sizes) // 1024 + 1024  # room for the files, plus 1 MB
+    steps = [
+        # A controller that is gone must not stop this step halfway: writes to it just fail.
+        Raw("trap '' PIPE"),
+        assign("S", Raw('"$R"/.staging/'), txid),
+        assign("J", Raw('"$R"/.switch/'), txid),
+        # Staging never outlives the step; the switch directory only once the switch has started.
+        Raw("trap 'rm -rf \"$S\"; [ -f \"$J/switch.sh\" ] || rm -rf \"$J\"' EXIT"),
+        Raw('rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous" || exit 3'),
+        Raw('avail=$(df -Pk "$R" 2>/dev/null | awk \'NR == 2 { print $4 }\')'),
+        Raw(f'if [ -n "$avail" ] && [ "$avail" -lt {need_kb} ]; then'),
+        Raw(f'  echo "@@fail disk $R has ${{avail}} KB free; this deploy needs {need_kb} KB"; '
+            f'dd bs=65536 iflag=fullblock,count_bytes count={sum(s for _, s, _ in sizes) + len(switch_script)} '
+            'status=none of=/dev/null; exit 3'),
+        Raw("fi"),
+        Raw("whole=1"),
+    ]
+    steps += [line(Raw("receive"), member, size, path, Raw("|| whole=0")) for member, size, path in sizes]
+    steps += [
+        line(Raw("receive switch.sh"), len(switch_script), "switch script", Raw("|| whole=0")),
+        Raw('[ $whole = 1 ] || exit 3'),
+        Raw('mv "$S/switch.sh" "$J/switch.sh"'),
+        # Its own session, output to the journal only: nothing it does depends on the connection.
+        Raw('setsid sh "$J/switch.sh" > "$J/journal" 2>&1 < /dev/null &'),
+        Raw('wait $!; code=$?'),
+        # The journal stays until the controller has read it (forget_switch): if it never does,
+        # the next run reports how this switch ended.
+        Raw('cat "$J/journal"'),
+        Raw('exit "$code"'),
+    ]
+    return Switch(script=script(*steps), payload=payload + [("switch.sh", _Text(switch_script))])
+
+
+def forget_switch(txid):
+    """The controller has read the switch's outcome: its journal can go."""
+    return script(line(Raw("rm -rf"), word(Raw('"$R"/.switch/'), str(txid))))
+
+
+def _switch(plan, txid):
     members = {spec.path: member for member, spec in plan.payload}
+    placed = [(member, spec) for member, spec in plan.payload]
+    restore_all = [line(Raw("restore"), member, spec.path) for member, spec in placed] or [Raw(":")]
+    body = []
     for task, sent in plan.files_by_task():
         for member, spec in sent:
-            lines.append(f'place {member} {q(spec.path)} {spec.mode:o} || {{ echo "@@fail {task} cannot write '
-                         f'{spec.path}"; exit 3; }}')
-        lines.append(f'echo "@@step {task} changed"')
+            body.append(line(Raw("place"), member, spec.path, f"{spec.mode:o}", Raw("|| {"),
+                             Raw("echo"), f"{P.FAIL} {task} cannot write {spec.path}", Raw("; restore_all; return 3; }")))
+        body.append(line(Raw("echo"), f"{P.STEP} {task} {P.Status.CHANGED}"))
     for proc in plan.restarts:
-        lines.append(f"save_previous {q(proc.name)}; stop_proc {q(proc.name)}; "
-                     f"start_proc {q(proc.name)} {q(proc.fingerprint)} {q(proc.command)}")
+        body.append(line(Raw("save_previous"), proc.name, Raw("; stop_procs"), proc.name, Raw("; start_proc"),
+                         proc.name, proc.fingerprint, proc.command))
     for proc in plan.restarts:
-        wait = f"wait_listen {q(proc.name)} {proc.start_timeout} {' '.join(str(p) for p in proc.ports)}"
-        restores = "; ".join(f"restore {members[p]} {q(p)}" for p in proc.files if p in members) or ":"
-        lines += [
-            f'if {wait}; then echo "@@step {proc.task} changed"; else',
-            f"  failed=1; log_tail {q(proc.name)}",
-            f'  if [ -f "$B/{proc.name}.cmd" ]; then',
-            f"    stop_proc {q(proc.name)}; {restores}",
-            f'    start_proc {q(proc.name)} "$(cat "$B/{proc.name}.fp")" "$(cat "$B/{proc.name}.cmd")"',
-            f'    if {wait} >/dev/null; then echo "@@rolledback {proc.name}"; '
-            f'else echo "@@fail {proc.name} the previous version did not come back either"; fi',
-            "  fi",
-            "fi",
+        wait = line(Raw("wait_listen"), proc.name, proc.start_timeout, *proc.ports)
+        restores = [line(Raw("restore"), members[p], p) for p in proc.files if p in members] or [Raw(":")]
+        body += [
+            Raw(f"if {wait}; then"),
+            line(Raw("  echo"), f"{P.STEP} {proc.task} {P.Status.CHANGED}"),
+            Raw("else"),
+            line(Raw("  failed=1; log_tail"), proc.name),
+            *[Raw(f"  {r}") for r in restores],
+            Raw(f"  if start_previous {line(proc.name)}; then"),
+            Raw(f"    if {wait} >/dev/null; then echo {line(f'{P.ROLLED_BACK} {proc.name}')}; "
+                f"else echo {line(f'{P.FAIL} {proc.name} the previous version did not come back either')}; fi"),
+            Raw("  fi"),
+            Raw("fi"),
         ]
-    lines += [f"procstate {q(p.name)}" for p in plan.state.processes]
-    lines += ["report_listeners", "exit $failed"]
-    return "\n".join(lines) + "\n"
+    body += [line(Raw("procstate"), p.name) for p in plan.state.processes]
+    body += [Raw("report_listeners")]
+    rollback = list(restore_all)
+    for proc in plan.restarts:
+        wait = line(Raw("wait_listen"), proc.name, proc.start_timeout, *proc.ports)
+        rollback.append(Raw(f"if start_previous {line(proc.name)}; then {wait} >/dev/null; fi"))
+    rollback.append(line(Raw("echo"), f"{P.RECOVERED} {txid}"))
+    return script(
+        prelude(plan.state.host.root),
+        assign("J", Raw('"$R"/.switch/'), txid),
+        assign("S", Raw('"$R"/.staging/'), txid),
+        Raw("restore_all() {"), *[Raw(f"  {r}") for r in restore_all], Raw("}"),
+        Raw("switch() {"), Raw("  failed=0"), *[Raw(f"  {b}") for b in body], Raw("  return \"$failed\""), Raw("}"),
+        Raw("rollback() {"), *[Raw(f"  {r}") for r in rollback], Raw("}"),
+        Raw('"${1:-switch}"; code=$?'),
+        Raw('echo "$code" > "$J/outcome"'),
+        Raw(f'echo "{P.OUTCOME} $code"'),
+        Raw("exit $code"),
+    )
 
 
-def stop(process_names):
+def stop(process_groups):
+    """Stops the named processes: each group at once (SIGTERM to all, SIGKILL after the grace),
+    the groups one after another (Envoy before the backends it fronts)."""
     lines = []
-    for name in process_names:
-        lines.append(f'if alive "$(cat "$R/run/{name}.pid" 2>/dev/null)" {q(name)}; then stop_proc {q(name)}; '
-                     f'echo "@@stopped {name}"; else stop_proc {q(name)}; echo "@@notrunning {name}"; fi')
-    lines.append("report_listeners")
-    return "\n".join(lines) + "\n"
+    for names in process_groups:
+        for name in names:
+            lines.append(line(Raw("if running"), name, Raw("; then echo"), f"{P.STOPPED} {name}", Raw("; else echo"),
+                              f"{P.NOT_RUNNING} {name}", Raw("; fi")))
+        if names:
+            lines.append(line(Raw("stop_procs"), *names))
+    lines.append(Raw("report_listeners"))
+    return script(*lines)
+

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from fleet import commands
+from fleet import protocol
 
 
 # paramiko logs refused channels (an agent that is gone) to stderr; fleet reports what matters itself.
@@ -45,7 +45,7 @@ def connect(host, accept_new_host_keys=False, timeout=10.0):
 
 class ScriptSession:
     """A running commands.session(): send a step script (and the files it receives), read its
-    output up to `@@done`. One step at a time."""
+    output up to protocol.DONE. One step at a time."""
 
     def __init__(self, write, close_write, chunks, exit_status):
         self._write, self._close_write, self._exit_status = write, close_write, exit_status
@@ -56,24 +56,25 @@ class ScriptSession:
         """Waits for the session to hold the lock; raises ConnectFailed naming the holder if not."""
         seen = []
         for line in self._lines:
-            if line == "@@ready":
+            if line == protocol.READY:
                 return
             seen.append(line)
-            if line.startswith("@@locked "):
-                raise Locked(f"locked by another deploy: {line[9:] or 'holder unknown'} "
+            if line.startswith(protocol.LOCKED + " "):
+                raise Locked(f"locked by another deploy: {line[len(protocol.LOCKED) + 1:] or 'holder unknown'} "
                                     "(--wait-lock SECONDS to wait, --break-lock if it is stale)")
         raise ConnectFailed(f"remote session ended: {_last(seen)}")
 
     def run(self, script, payload=(), on_line=None):
-        self._write((script + f"\n{commands.RUN_MARKER}\n").encode())
+        self._write(protocol.frame(script))
         error = []
         feeder = threading.Thread(target=self._send_files, args=(payload, error), daemon=True)
         feeder.start()
         output = []
         for line in self._lines:
-            if line.startswith("@@done "):
+            code = protocol.done_code(line)
+            if code is not None:
                 feeder.join()
-                return Result(exit_code=int(line[7:]), output="\n".join(output))
+                return Result(exit_code=code, output="\n".join(output))
             output.append(line)
             if on_line:
                 on_line(line)
@@ -117,18 +118,19 @@ def _lines(chunks):
 
 
 def _last(lines):
-    meaningful = [l for l in lines if l.strip() and not l.startswith("@@")]
+    meaningful = [l for l in lines if l.strip() and not protocol.is_report(l)]
     return meaningful[-1] if meaningful else "no output"
 
 
 class LocalConnection:
-    def __init__(self):
+    def __init__(self, shell="/bin/sh"):
+        self.shell = shell
         self.processes = []
 
     def start_session(self, script, agent=None, shell_slot=None):
         """(ScriptSession, False): this machine needs no agent, a shell costs nothing here."""
         # A session of its own, as sshd gives: --break-lock can end it as a process group.
-        proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([self.shell, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
 
@@ -149,6 +151,11 @@ class LocalConnection:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass  # a write still buffered for a session that is gone
 
 
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):

@@ -4,6 +4,8 @@ import base64
 import re
 from dataclasses import dataclass, field
 
+from fleet import protocol as P
+
 
 @dataclass(frozen=True)
 class ProcState:
@@ -33,49 +35,59 @@ class Report:
     stopped: list = field(default_factory=list)
     not_running: list = field(default_factory=list)
     rolled_back: list = field(default_factory=list)
+    addresses: list = field(default_factory=list)  # the host's own IP addresses
+    switches: list = field(default_factory=list)  # (txid, what): earlier switches this run found and settled
 
 
 def parse(text):
     report = Report()
     lines = iter(text.splitlines())
     for line in lines:
-        if not line.startswith("@@"):
-            continue
-        kind, _, rest = line[2:].partition(" ")
-        if kind == "file":
+        marker, _, rest = line.partition(" ")
+        if marker == P.FILE:
             state, _, path = rest.partition(" ")
             report.present[path] = state == "present"
-        elif kind == "content":
+        elif marker == P.CONTENT:
             body = _block(lines)
             report.present[rest] = True
             report.contents[rest] = base64.b64decode("".join(body))
-        elif kind == "proc":
+        elif marker == P.PROC:
             name, pid, alive, fp = rest.split(" ")
             report.procs[name] = ProcState(name=name, pid=int(pid) if pid.isdigit() else None, alive=alive == "1",
                                            fingerprint=None if fp == "-" else fp)
-        elif kind == "netstat":
+        elif marker == P.NETSTAT:
             report.listeners = parse_listeners(_block(lines))
-        elif kind == "step":
+        elif marker == P.ADDRESSES:
+            report.addresses = rest.split()
+        elif marker == P.STEP:
             label, _, status = rest.partition(" ")
-            report.steps.append((label, status))
-        elif kind == "fail":
+            report.steps.append((label, P.Status(status)))
+        elif marker == P.FAIL:
             name, _, reason = rest.partition(" ")
             report.failures.append((name, reason))
-        elif kind == "log":
+        elif marker == P.LOG:
             report.logs[rest] = "\n".join(_block(lines))
-        elif kind == "stopped":
+        elif marker == P.STOPPED:
             report.stopped.append(rest)
-        elif kind == "notrunning":
+        elif marker == P.NOT_RUNNING:
             report.not_running.append(rest)
-        elif kind == "rolledback":
+        elif marker == P.ROLLED_BACK:
             report.rolled_back.append(rest)
+        elif marker == P.SWITCH_FINISHED:
+            txid, _, code = rest.partition(" ")
+            report.switches.append((txid, "ended while no controller was connected"
+                                    + (" (ok)" if code == "0" else f" (failed, exit {code}; see the host's log)")))
+        elif marker == P.RECOVERED:
+            report.switches.append((rest, "was cut off mid-switch; rolled back to the previous version"))
+        elif marker == P.UNFINISHED:
+            report.switches.append((rest, "was cut off mid-switch; the next deploy rolls it back"))
     return report
 
 
 def _block(lines):
     body = []
     for line in lines:
-        if line == "@@end":
+        if line == P.END:
             break
         body.append(line)
     return body

@@ -4,6 +4,8 @@ import difflib
 import os
 from dataclasses import dataclass, field
 
+from fleet.protocol import Status
+
 
 @dataclass
 class HostPlan:
@@ -33,9 +35,9 @@ class HostPlan:
         return bool(self.send or self.restarts)
 
     def task_status(self):
-        """task label -> 'changed' or 'ok', as this plan would leave it."""
+        """task label -> Status.CHANGED or Status.OK, as this plan would leave it."""
         changed = {f.task for f in self.send} | {p.task for p in self.restarts}
-        return {task: ("changed" if task in changed else "ok") for task in self.state.tasks}
+        return {task: (Status.CHANGED if task in changed else Status.OK) for task in self.state.tasks}
 
 
 def plan_host(state, report, mask=str):

@@ -11,7 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, facts, plan, ui, verify
+from fleet import commands, connection, facts, plan, protocol, ui, verify
+from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
 AGENT_SOURCE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")).read()
@@ -26,7 +27,7 @@ LOGIN_SHELLS_AT_ONCE = 8
 @dataclass
 class HostOutcome:
     host: str
-    steps: dict = field(default_factory=dict)  # label -> ok / changed / failed
+    steps: dict = field(default_factory=dict)  # label -> protocol.Status
     ports: list = field(default_factory=list)  # verify.PortCheck
     logs: dict = field(default_factory=dict)  # process -> log tail
     rolled_back: list = field(default_factory=list)  # processes put back to their previous version
@@ -36,11 +37,11 @@ class HostOutcome:
 
     def counts(self):
         values = list(self.steps.values())
-        return {s: values.count(s) for s in ("ok", "changed", "failed")}
+        return {str(s): values.count(s) for s in (Status.OK, Status.CHANGED, Status.FAILED)}
 
     @property
     def ok(self):
-        return self.error is None and "failed" not in self.steps.values() and all(c.ok for c in self.ports)
+        return self.error is None and Status.FAILED not in self.steps.values() and all(c.ok for c in self.ports)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Fleet:
         self.txid = f"{int(time.time())}-{os.getpid()}"
         self.holder = f"{getpass.getuser()}@{socket.gethostname()} txid={self.txid}"
         self._links, self._errors = {}, {}
+        self.locked = {}  # host name -> why: another run holds its deploy lock
         self.agents = connection.AgentCache()
         self._shell_slots = threading.BoundedSemaphore(LOGIN_SHELLS_AT_ONCE)
         self.timings = {}  # run-wide phases -> seconds
@@ -99,7 +101,17 @@ class Fleet:
             if conn is not None:
                 conn.close()
             self._errors[host.name] = self.mask(str(e))
+            if isinstance(e, connection.Locked):
+                self.locked[host.name] = self._errors[host.name]
         return self._links.get(host.name), self._errors.get(host.name)
+
+    def lock_all(self, hosts):
+        """Connects to every host and takes its deploy lock, before any host is changed, so two
+        deploys never interleave across hosts. Returns {host name: holder} for the hosts another
+        run holds (the caller then changes nothing); unreachable hosts are left to the deploy,
+        which reports them and goes on with the others."""
+        parallel(list(hosts), self.link)
+        return {h.name: self.locked[h.name] for h in hosts if h.name in self.locked}
 
     def _start_agent(self, host, shell):
         """Starts the host's agent inside this session, so the next run needs no login shell."""
@@ -139,8 +151,12 @@ def parallel(items, fn):
 
 def deploy(fleet, states, services, inventory, console):
     """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks)."""
+    listen = {}  # host name -> addresses its Envoys listen on
+    for s in services:
+        listen.setdefault(s.ingress.host, set()).add(s.ingress.listen_address)
     with ui.Progress(console, list(states)) as progress:
-        outcomes = parallel(list(states.values()), lambda state: _deploy_host(fleet, state, progress))
+        outcomes = parallel(list(states.values()),
+                            lambda state: _deploy_host(fleet, state, listen.get(state.host.name, ()), progress))
     if fleet.options.check:
         return outcomes, []
     started = time.perf_counter()
@@ -149,59 +165,71 @@ def deploy(fleet, states, services, inventory, console):
     return outcomes, checks
 
 
-def _deploy_host(fleet, state, progress):
+def _deploy_host(fleet, state, listen_addresses, progress):
     name = state.host.name
     outcome = HostOutcome(host=name)
-    progress.step(name, "connect", "running")
+    progress.step(name, "connect", Status.RUNNING)
     started = time.perf_counter()
     link, outcome.error = fleet.link(state.host)
     outcome.timings["connect"] = time.perf_counter() - started
     if link is None:
-        outcome.steps["connect"] = "failed"
-        progress.step(name, "connect", "failed", outcome.error)
+        outcome.steps["connect"] = Status.FAILED
+        progress.step(name, "connect", Status.FAILED, outcome.error)
         return outcome
     try:
-        _deploy_linked(fleet, link.shell, state, outcome, progress)
+        _deploy_linked(fleet, link.shell, state, listen_addresses, outcome, progress)
     except connection.ConnectFailed as e:
         outcome.error = fleet.mask(str(e))
-        progress.step(name, "connection", "failed", outcome.error)
+        progress.step(name, "connection", Status.FAILED, outcome.error)
     return outcome
 
 
-def _deploy_linked(fleet, shell, state, outcome, progress):
+def _deploy_linked(fleet, shell, state, listen_addresses, outcome, progress):
     name = state.host.name
-    progress.step(name, "facts", "running")
+    progress.step(name, "facts", Status.RUNNING)
     started = time.perf_counter()
-    result = shell.run(commands.facts(state))
+    result = shell.run(commands.facts(state, recover=fleet.options.lock))
     outcome.timings["facts"] = time.perf_counter() - started
     if result.exit_code != 0:
         outcome.error = fleet.mask(f"gathering facts failed (exit {result.exit_code}): {_last_line(result.output)}")
-        progress.step(name, "facts", "failed", outcome.error)
+        progress.step(name, "facts", Status.FAILED, outcome.error)
         return
     report = facts.parse(result.output)
+    for txid, what in report.switches:
+        progress.step(name, "earlier deploy", Status.OK, f"{txid} {what}")
+    foreign = sorted(a for a in listen_addresses if not _is_own_address(a, report.addresses))
+    if foreign:
+        outcome.error = (f"listen_address {', '.join(foreign)} is not an address of this host (it has: "
+                         f"{', '.join(report.addresses) or 'none reported'}); nothing was changed here")
+        outcome.steps["facts"] = Status.FAILED
+        progress.step(name, "facts", Status.FAILED, outcome.error)
+        return
     host_plan = plan.plan_host(state, report, mask=fleet.mask)
     outcome.plan = host_plan
     for label, status in host_plan.task_status().items():
         outcome.steps[label] = status
-        if status == "ok" or fleet.options.check:
-            progress.step(name, label, "ok" if status == "ok" else "would change")
+        if status == Status.OK or fleet.options.check:
+            progress.step(name, label, status if status == Status.OK else Status.WOULD_CHANGE)
     if fleet.options.check:
         return
     if host_plan.changed:
         def on_line(line):
-            if line.startswith("@@step "):
-                label, _, status = line[7:].partition(" ")
+            marker, _, rest = line.partition(" ")
+            if marker == protocol.STEP:
+                label, _, status = rest.partition(" ")
                 progress.step(name, label, status)
 
-        progress.step(name, "apply", "running")
+        progress.step(name, "apply", Status.RUNNING)
         started = time.perf_counter()
-        result = shell.run(commands.apply(host_plan, fleet.txid), payload=host_plan.payload, on_line=on_line)
+        switch = commands.apply(host_plan, fleet.txid)
+        result = shell.run(switch.script, payload=switch.payload, on_line=on_line)
+        shell.run(commands.forget_switch(fleet.txid))
         outcome.timings["apply"] = time.perf_counter() - started
         report = facts.parse(result.output)
         done = dict(report.steps)
         for label, status in outcome.steps.items():
-            if status == "changed" and label not in done:
-                outcome.steps[label] = "failed"
+            if status == Status.CHANGED and label not in done:
+                outcome.steps[label] = Status.FAILED
         outcome.logs = {proc: fleet.mask(tail) for proc, tail in report.logs.items()}
         outcome.rolled_back = report.rolled_back
         reasons = [f"{n}: {r}" for n, r in report.failures]
@@ -211,11 +239,15 @@ def _deploy_linked(fleet, shell, state, outcome, progress):
         elif result.exit_code != 0:
             outcome.error = fleet.mask(f"apply failed (exit {result.exit_code}): {_last_line(result.output)}")
         if outcome.error:
-            progress.step(name, "apply", "failed", outcome.error)
+            progress.step(name, "apply", Status.FAILED, outcome.error)
     outcome.ports = verify.check_ports(state, report)
     bad = [c for c in outcome.ports if not c.ok]
-    progress.step(name, "verify ports", "failed" if bad else "ok",
+    progress.step(name, "verify ports", Status.FAILED if bad else Status.OK,
                   "; ".join(c.detail for c in bad) or f"{len(outcome.ports)} ports listened on by their processes")
+
+
+def _is_own_address(address, own):
+    return address in ("0.0.0.0", "::") or address.startswith("127.") or address == "::1" or address in own
 
 
 def envoy_cluster(service):
@@ -232,7 +264,7 @@ def _check_service(fleet, inventory, service):
 
 
 def _last_line(output):
-    lines = [l for l in output.splitlines() if l.strip() and not l.startswith("@@")]
+    lines = [l for l in output.splitlines() if l.strip() and not protocol.is_report(l)]
     return lines[-1] if lines else "no output"
 
 
@@ -254,7 +286,7 @@ def _on_each_host(fleet, states, result_type, work):
 def status(fleet, states, services):
     """Process state and listeners per host, and Envoy's view of each service's endpoints."""
     def host_status(shell, state, result):
-        report = facts.parse(shell.run(commands.facts(state)).output)
+        report = facts.parse(shell.run(commands.facts(state, recover=False)).output)
         result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
         result.ports = verify.check_ports(state, report)
 
@@ -274,11 +306,13 @@ def stop(fleet, states):
     """Stops every process fleet started for these states, Envoy before the backends it fronts."""
     def stop_host(shell, state, outcome):
         names = [p.name for p in reversed(state.processes)]
-        result = shell.run(commands.stop(names))
+        # Envoys first (they front the backends), then everything else, each group at once.
+        envoys = [n for n in names if n.startswith("envoy-")]
+        result = shell.run(commands.stop([envoys, [n for n in names if n not in envoys]]))
         report = facts.parse(result.output)
         for name in names:
-            outcome.steps[f"stop {name}"] = "changed" if name in report.stopped else \
-                "ok" if name in report.not_running else "failed"
+            outcome.steps[f"stop {name}"] = Status.CHANGED if name in report.stopped else \
+                Status.OK if name in report.not_running else Status.FAILED
         if result.exit_code != 0:
             outcome.error = f"stop failed (exit {result.exit_code}): {_last_line(result.output)}"
 

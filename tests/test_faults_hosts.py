@@ -264,21 +264,66 @@ def test_dropped_connection_mid_transfer_leaves_no_partial_file(lab, tmp_path):
     assert run_fleet("stop", "inference", "-i", path).returncode == 0
 
 
+def test_ctrl_c_while_a_bad_version_starts_still_rolls_back(lab, base, tmp_path):
+    """Finding 3 of issue 8: the switch runs on the host, detached from the connection, so the
+    controller's Ctrl-C cannot cost the rollback; the next run reports how the switch ended."""
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["vars"] = {"command": "sleep 300", "start_timeout": 4}
+    bad = variant(tmp_path, data)
+    switches = [os.path.join(lab.host(h).srv, "fleet", ".switch") for h in ("h0", "h1")]
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", bad], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not all(os.path.isdir(d) and os.listdir(d) for d in switches):
+        assert proc.poll() is None and time.monotonic() < deadline, "no switch seen"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    # No fleet command runs from here on: the hosts put the previous version back themselves.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if predict(lab, timeout=2).startswith("[0."):
+                break
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline, "the previous version did not come back on its own"
+        time.sleep(0.2)
+    for d in switches:
+        while not any(os.path.exists(os.path.join(d, t, "outcome")) for t in os.listdir(d)):
+            assert time.monotonic() < deadline, "the switch did not journal its outcome"
+            time.sleep(0.1)
+    result = run_fleet("deploy", "inference", "-i", base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^h1 +earlier deploy +ok +\S+ ended while no controller was connected \(failed", result.stdout,
+                     re.M)
+    assert "no changes" in result.stdout
+
+
 # -- concurrent deploys and locks ------------------------------------------------------------------
 
-def test_concurrent_deploys_never_interleave(lab, base, tmp_path):
-    data = yaml.safe_load(open(base))
-    # A version that takes 3 s to come up keeps the first deploy busy while the second starts.
-    data["services"]["inference"]["vars"] = {
-        "command": "sh -c 'sleep 3 && exec {{ host.python }} {{ artifact_path }} {{ entry }} -c {{ config_path }}'"}
-    changed = variant(tmp_path, data)
-    holder = srv(lab, "h0", ".lock.holder")
+# A version that takes 3 s to come up keeps a first deploy busy while a second one starts.
+SLOW_START = "sh -c 'sleep 3 && exec {{ host.python }} {{ artifact_path }} {{ entry }} -c {{ config_path }}'"
+
+
+def deploy_holding_the_lock(lab, path, host):
+    """Starts `fleet deploy inference -i path` and returns once it holds host's lock."""
+    holder = srv(lab, host, ".lock.holder")
     before = os.stat(holder).st_mtime_ns
-    first = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", changed], cwd=REPO,
+    first = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", path], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while os.stat(holder).st_mtime_ns == before:
         assert first.poll() is None, "the first deploy ended before taking the lock"
         time.sleep(0.01)
+    return first
+
+
+def test_concurrent_deploys_never_interleave(lab, base, tmp_path):
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["vars"] = {"command": SLOW_START}
+    changed = variant(tmp_path, data)
+    first = deploy_holding_the_lock(lab, changed, "h0")
     second = run_fleet("deploy", "inference", "-i", changed)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out
@@ -289,6 +334,52 @@ def test_concurrent_deploys_never_interleave(lab, base, tmp_path):
     assert run_fleet("deploy", "inference", "-i", base).returncode == 0
 
 
+def test_two_different_deploys_never_leave_hosts_half_and_half(lab, base, tmp_path):
+    """Two inventories at once (finding 8 of issue 8): the second takes no lock and changes no host
+    while the first holds them, so h0 and h1 end with the same version."""
+    data = yaml.safe_load(open(base))
+    data["services"]["inference"]["vars"] = {"modelParallelism": 3, "command": SLOW_START}
+    first_path = variant(tmp_path, data)
+    data["services"]["inference"]["vars"] = {"modelParallelism": 5}
+    second_path = write_inventory(tmp_path, data, name="second.yaml")
+    first = deploy_holding_the_lock(lab, first_path, "h1")
+    second = run_fleet("deploy", "inference", "-i", second_path)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert second.returncode == 1 and "nothing was changed on any host" in second.stderr
+    for host in ("h0", "h1"):
+        with open(srv(lab, host, "services", "inference", "config.yaml")) as f:
+            assert yaml.safe_load(f)["modelParallelism"] == 3, host
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+def test_check_takes_no_lock(lab, base):
+    lock = srv(lab, "h0", ".lock")
+    holder = srv(lab, "h0", ".lock.holder")
+    sleeper = subprocess.Popen(["ip", "netns", "exec", lab.host("h0").namespace, "flock", lock, "sleep", "120"],
+                               start_new_session=True)
+    try:
+        time.sleep(0.3)
+        before = os.stat(holder).st_mtime_ns
+        result = run_fleet("deploy", "inference", "--check", "-i", base)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "h0: no changes" in result.stdout and "locked" not in result.stdout
+        assert os.stat(holder).st_mtime_ns == before
+    finally:
+        os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+
+
+def test_listen_address_not_on_the_host_is_refused(lab, base, tmp_path):
+    data = yaml.safe_load(open(base))
+    foreign = lab.host("h1").address  # an address of the lab, but not of h0
+    data["services"]["inference"]["ingress"]["listen_address"] = foreign
+    result = run_fleet("deploy", "inference", "-i", variant(tmp_path, data))
+    assert result.returncode == 1
+    assert f"listen_address {foreign} is not an address of this host (it has: " in result.stdout
+    assert lab.host("h0").address in result.stdout.split("it has: ", 1)[1]
+
+
 def test_stale_lock_is_named_and_broken_only_when_asked(lab, base):
     lock = srv(lab, "h0", ".lock")
     sleeper = subprocess.Popen(["ip", "netns", "exec", lab.host("h0").namespace, "flock", lock, "sleep", "120"],
@@ -297,10 +388,14 @@ def test_stale_lock_is_named_and_broken_only_when_asked(lab, base):
         time.sleep(0.3)
         with open(srv(lab, "h0", ".lock.holder"), "w") as f:
             f.write(f"holder=alice@laptop txid=stale pid={sleeper.pid} since=2026-01-01T00:00:00Z\n")
+        h1_config = srv(lab, "h1", "services", "inference", "config.yaml")
+        before = os.stat(h1_config).st_mtime_ns
         result = run_fleet("deploy", "inference", "-i", base)
         assert result.returncode == 1
-        assert "locked by another deploy: holder=alice@laptop txid=stale" in result.stdout
-        assert host_line(result.stdout, "h1") and "locked" not in host_line(result.stdout, "h1")[0]
+        assert "h0: locked by another deploy: holder=alice@laptop txid=stale" in result.stdout
+        # All or nothing: h1 was reachable and free, but is not touched while h0 is held.
+        assert "nothing was changed on any host" in result.stderr
+        assert os.stat(h1_config).st_mtime_ns == before
         result = run_fleet("deploy", "inference", "--break-lock", "-i", base)
         assert result.returncode == 0, result.stdout + result.stderr
         assert sleeper.wait(timeout=10) is not None

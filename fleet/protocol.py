@@ -1,0 +1,66 @@
+"""The one protocol between the controller and a host: every marker a host script prints and the
+controller reads, defined here once, and the framing of a step.
+
+A run holds one shell session per host (commands.session). The controller sends a step script
+followed by a line `@@run`; the session runs it in a subshell and answers with its output, ended
+by `@@done EXIT_CODE`. Output lines that start with `@@` are reports, parsed by facts.parse; any
+other line is the free text of a failing command, kept for error messages."""
+
+from enum import Enum
+
+# Session framing.
+READY = "@@ready"  # the session holds the host's deploy lock (or runs without one) and waits for steps
+RUN = "@@run"  # controller -> host: the step script above this line is complete
+DONE = "@@done"  # host -> controller: `@@done EXIT_CODE`, the step ended
+LOCKED = "@@locked"  # `@@locked HOLDER`: another run holds the lock; the session exits LOCKED_EXIT
+WAITING = "@@waiting"  # `@@waiting HOLDER`: --wait-lock, waiting for the holder
+BREAKING = "@@breaking"  # `@@breaking HOLDER`: --break-lock, ending the holder's session
+LOCKED_EXIT = 75
+
+# Reports inside a step's output.
+FILE = "@@file"  # `@@file present|absent PATH`
+CONTENT = "@@content"  # `@@content PATH`, base64 lines, END
+PROC = "@@proc"  # `@@proc NAME PID|- ALIVE(0|1) FINGERPRINT|-`
+NETSTAT = "@@netstat"  # netstat -tnlp (or ss -tnlp) lines, END
+ADDRESSES = "@@addresses"  # `@@addresses ADDR ...`: the host's own IP addresses
+STEP = "@@step"  # `@@step TASK_LABEL STATUS`
+FAIL = "@@fail"  # `@@fail NAME REASON`
+LOG = "@@log"  # `@@log NAME`, this run's output of the process, END
+STOPPED = "@@stopped"  # `@@stopped NAME`
+NOT_RUNNING = "@@notrunning"  # `@@notrunning NAME`
+ROLLED_BACK = "@@rolledback"  # `@@rolledback NAME`: its previous version is running again
+SWITCH_FINISHED = "@@switched"  # `@@switched TXID EXIT`: a switch that ended while no controller listened
+RECOVERED = "@@recovered"  # `@@recovered TXID`: an interrupted switch, rolled back by this run
+UNFINISHED = "@@unfinished"  # `@@unfinished TXID`: an interrupted switch seen by a read-only run
+OUTCOME = "@@outcome"  # `@@outcome EXIT`: last line of a switch's journal
+END = "@@end"  # ends a block (CONTENT, NETSTAT, LOG)
+
+
+def is_report(line):
+    """A protocol line, as opposed to free text printed by a command."""
+    return line.startswith("@@")
+
+
+def frame(script):
+    """A step as sent to the session."""
+    return f"{script.rstrip(chr(10))}\n{RUN}\n".encode()
+
+
+def done_code(line):
+    """The exit code of a `@@done N` line, or None for any other line."""
+    if line.startswith(DONE + " "):
+        return int(line[len(DONE) + 1:])
+    return None
+
+
+class Status(str, Enum):
+    """What a step did on a host."""
+
+    OK = "ok"  # already as desired
+    CHANGED = "changed"
+    FAILED = "failed"
+    WOULD_CHANGE = "would change"  # --check
+    RUNNING = "running"  # under way (progress only)
+
+    def __str__(self):
+        return self.value

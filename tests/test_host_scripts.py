@@ -1,0 +1,316 @@
+"""The generated host scripts, checked without hosts and without root: shellcheck on every one of
+them, and real runs under dash (a local "host" under a temp root) with hostile names and values,
+a full disk, and a switch whose connection dies while a bad version starts (docs/failure-modes.md,
+"The host protocol")."""
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fleet import commands, connection, facts, plan, protocol
+from fleet.desired import FileSpec, HostState, ProcessSpec
+from fleet.inventory import Host
+
+# A root whose name would run commands if any script forgot to quote it.
+HOSTILE_DIR = "my fleet $(touch PWNED) `touch PWNED2` 'q\" ;x"
+HOSTILE_VALUE = "a'b\"c $(touch PWNED3) `id` ;|&\n--flag\\"
+
+
+def host(root):
+    return Host(name="h0", address="127.0.0.1", connection="local", user="u", port=22, key=None,
+                known_hosts="/dev/null", root=root, python=sys.executable)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listener(port, tag):
+    """A command that listens on 127.0.0.1:port (tag only changes the fingerprint)."""
+    return f"{sys.executable} -m http.server {port} --bind 127.0.0.1 # {tag}"
+
+
+def state_for(root, config, command, ports, start_timeout=10, tag="v1"):
+    state = HostState(host=host(root))
+    path = os.path.join(root, "services", "svc", "config.yaml")
+    state.files.append(FileSpec(task="svc.role.config", path=path, sha256=str(hash(config)), content=config,
+                                mode=0o600, secret=True))
+    state.processes.append(ProcessSpec(name="svc", task="svc.role.process", command=command, fingerprint=tag,
+                                       ports=tuple(ports), start_timeout=start_timeout, files=(path,)))
+    state.tasks += ["svc.role.config", "svc.role.process"]
+    return state
+
+
+def all_scripts(root, value):
+    state = state_for(root, value.encode(), f"echo {shlex.quote(value)}", [7073])
+    report = facts.Report()
+    host_plan = plan.plan_host(state, report)
+    switch = commands.apply(host_plan, "123-45")
+    head = commands.prelude(root)
+    return {
+        "session": commands.session(root, f"holder {value}"),
+        "session --wait-lock": commands.session(root, value, wait=5),
+        "session --break-lock": commands.session(root, value, break_lock=True),
+        "session, no lock": commands.session(root, value, lock=False),
+        "facts": head + commands.facts(state),
+        "facts, read-only": head + commands.facts(state, recover=False),
+        "apply": head + switch.script,
+        "switch": switch.payload[-1][1].content.decode(),
+        "stop": head + commands.stop([["envoy-svc"], ["svc", "other"]]),
+    }
+
+
+@pytest.mark.parametrize("name", list(all_scripts("/srv/x", "v")))
+def test_shellcheck_is_clean_on_every_generated_script(name, tmp_path):
+    path = tmp_path / "script.sh"
+    path.write_text(all_scripts("/srv/fleet", "user@laptop txid=1-2")[name])
+    result = subprocess.run(["shellcheck", "-s", "sh", "-S", "style", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    # With hostile values, shellcheck's only remarks may be that quotes, $(...) and backslashes
+    # inside a quoted value stay literal (SC2016, SC1003, SC2089, SC2090): they are data, on purpose.
+    path.write_text(all_scripts(f"/srv/{HOSTILE_DIR}", HOSTILE_VALUE)[name])
+    result = subprocess.run(["shellcheck", "-s", "sh", "-S", "style", "-e", "SC2016,SC1003,SC2089,SC2090", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# -- real runs under dash ---------------------------------------------------------------------------
+
+@pytest.fixture
+def root(tmp_path):  # processes started under it are stopped by each test (stop_all)
+    work = tmp_path / HOSTILE_DIR
+    work.mkdir()
+    return str(work / "root")
+
+
+def open_session(root, lock=True):
+    conn = connection.LocalConnection(shell="dash")
+    shell, _ = conn.start_session(commands.session(root, "test-holder", lock=lock))
+    return conn, shell
+
+
+def deploy(root, state, txid):
+    conn, shell = open_session(root)
+    try:
+        report = facts.parse(shell.run(commands.facts(state)).output)
+        host_plan = plan.plan_host(state, report)
+        switch = commands.apply(host_plan, txid)
+        result = shell.run(switch.script, payload=switch.payload)
+        shell.run(commands.forget_switch(txid))
+        return result, facts.parse(result.output)
+    finally:
+        shell.close()
+        conn.close()
+
+
+def stop_all(root, names=("svc",)):
+    conn, shell = open_session(root)
+    try:
+        shell.run(commands.stop([list(names)]))
+    finally:
+        shell.close()
+        conn.close()
+
+
+def assert_nothing_ran(tmp_path):
+    for dirpath, _, files in os.walk(tmp_path):
+        assert not [f for f in files if f.startswith("PWNED")], dirpath
+    assert not [f for f in os.listdir(os.getcwd()) if f.startswith("PWNED")]
+
+
+def test_hostile_root_and_values_stay_data(root, tmp_path):
+    port = free_port()
+    state = state_for(root, HOSTILE_VALUE.encode(), listener(port, HOSTILE_VALUE.replace("\n", " ")), [port])
+    try:
+        result, report = deploy(root, state, "1-1")
+        assert result.exit_code == 0, result.output
+        assert report.procs["svc"].alive
+        config = os.path.join(root, "services", "svc", "config.yaml")
+        with open(config, "rb") as f:
+            assert f.read() == HOSTILE_VALUE.encode()
+        assert_nothing_ran(tmp_path)
+        # Private from the moment they exist: umask 077 in every session.
+        assert os.stat(config).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.join(root, ".lock.holder")).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.join(root, "log", "svc.log")).st_mode & 0o777 == 0o640
+        assert os.stat(root).st_mode & 0o077 == 0
+        assert not os.listdir(os.path.join(root, ".switch"))
+    finally:
+        stop_all(root)
+
+
+def test_a_failed_start_shows_only_this_runs_output(root):
+    port = free_port()
+    good = state_for(root, b"v1", listener(port, "v1"), [port])
+    bad = state_for(root, b"v2", "sh -c 'echo this-run-output; exit 3'", [port], tag="v2")
+    try:
+        assert deploy(root, good, "1-1")[0].exit_code == 0
+        with open(os.path.join(root, "log", "svc.log"), "a") as f:
+            f.write("an earlier run's output\n")
+        result, report = deploy(root, bad, "1-2")
+        assert result.exit_code == 1
+        assert "this-run-output" in report.logs["svc"]
+        assert "earlier run" not in report.logs["svc"]
+        assert report.rolled_back == ["svc"]
+    finally:
+        stop_all(root)
+
+
+def test_stop_ends_every_process_of_a_group_at_once(root, tmp_path):
+    names = [f"p{i}" for i in range(4)]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    state = HostState(host=host(root))
+    # Each notes its SIGTERM and waits for the last one's: stopped one after another, the first
+    # would be killed after the grace before the last was even sent SIGTERM.
+    for name in names:
+        on_term = (f'touch "$M/{name}.term"; i=0; while [ ! -e "$M/p3.term" ] && [ $i -lt 40 ]; do sleep 0.1; '
+                   f'i=$((i+1)); done; [ -e "$M/p3.term" ] && touch "$M/{name}.saw-last"')
+        command = f"env M={shlex.quote(str(marks))} sh -c {shlex.quote(f'trap {shlex.quote(on_term)} TERM; while :; do sleep 0.1; done')}"
+        state.processes.append(ProcessSpec(name=name, task=f"{name}.t", command=command, fingerprint="x", ports=(),
+                                           start_timeout=5))
+    state.tasks += [p.task for p in state.processes]
+    assert deploy(root, state, "1-1")[0].exit_code == 0
+    conn, shell = open_session(root)
+    try:
+        report = facts.parse(shell.run("GRACE=3\n" + commands.stop([names])).output)
+        assert sorted(report.stopped) == names
+        assert sorted(os.listdir(marks)) == sorted([f"{n}.term" for n in names] + [f"{n}.saw-last" for n in names])
+        after = facts.parse(shell.run(commands.facts(state)).output)
+        assert not any(p.alive for p in after.procs.values())
+    finally:
+        shell.close()
+        conn.close()
+
+
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    return mount
+
+
+def test_a_full_disk_is_named_and_the_old_version_keeps_serving(tmp_path):
+    mount = small_disk(tmp_path)
+    root = str(mount / "root")
+    port = free_port()
+    try:
+        assert deploy(root, state_for(root, b"v1", listener(port, "v1"), [port]), "1-1")[0].exit_code == 0
+        big = state_for(root, b"x" * (3 << 20), listener(port, "v2"), [port], tag="v2")
+        conn, shell = open_session(root)
+        try:
+            report = facts.parse(shell.run(commands.facts(big)).output)
+            switch = commands.apply(plan.plan_host(big, report), "1-2")
+            result = shell.run(switch.script, payload=switch.payload)
+            assert result.exit_code == 3
+            assert f"{root} has" in result.output and "KB free; this deploy needs" in result.output
+            # The session is still in step: the payload was drained, not read as a script.
+            after = facts.parse(shell.run(commands.facts(big)).output)
+            assert after.procs["svc"].alive and after.procs["svc"].fingerprint == "v1"
+        finally:
+            shell.close()
+            conn.close()
+    finally:
+        stop_all(root)
+        subprocess.run(["umount", str(mount)])
+
+
+# -- a switch that outlives its connection ---------------------------------------------------------
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.1)
+
+
+def pid_in(root, name="svc"):
+    try:
+        with open(os.path.join(root, "run", f"{name}.pid")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def serving(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def start_switch(root, state, txid):
+    """Starts an apply and returns once the host runs the switch; the caller then cuts it off."""
+    conn, shell = open_session(root)
+    report = facts.parse(shell.run(commands.facts(state)).output)
+    switch = commands.apply(plan.plan_host(state, report), txid)
+    shell._write(protocol.frame(switch.script))
+    for _, spec in switch.payload:
+        shell._write(spec.content)
+    wait_for(lambda: os.path.exists(os.path.join(root, ".switch", txid, "journal")), 20, "the switch to start")
+    return conn
+
+
+def test_a_dropped_connection_mid_switch_still_rolls_back(root):
+    port = free_port()
+    try:
+        assert deploy(root, state_for(root, b"v1", listener(port, "v1"), [port]), "1-1")[0].exit_code == 0
+        old = pid_in(root)
+        never_listens = state_for(root, b"v2", "sleep 300", [port], start_timeout=2, tag="v2")
+        conn = start_switch(root, never_listens, "1-2")
+        conn.close()  # the controller is gone (Ctrl-C, kill -9, network)
+        # The host finishes on its own: the previous version serves again, no fleet command run.
+        wait_for(lambda: pid_in(root) not in (None, old) and serving(port), 30, "the rollback")
+        with open(os.path.join(root, "services", "svc", "config.yaml"), "rb") as f:
+            assert f.read() == b"v1"
+        wait_for(lambda: os.path.exists(os.path.join(root, ".switch", "1-2", "outcome")), 10, "the outcome")
+        # The next run reports how that switch ended, then has nothing to change.
+        conn, shell = open_session(root)
+        try:
+            v1 = state_for(root, b"v1", listener(port, "v1"), [port])
+            report = facts.parse(shell.run(commands.facts(v1)).output)
+            assert not plan.plan_host(v1, report).changed
+        finally:
+            shell.close()
+            conn.close()
+        assert report.switches == [("1-2", "ended while no controller was connected (failed, exit 1; see the "
+                                           "host's log)")]
+        assert not os.listdir(os.path.join(root, ".switch"))
+    finally:
+        stop_all(root)
+
+
+def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
+    port = free_port()
+    try:
+        assert deploy(root, state_for(root, b"v1", listener(port, "v1"), [port]), "1-1")[0].exit_code == 0
+        slow = state_for(root, b"v2", "sleep 300", [port], start_timeout=30, tag="v2")
+        conn = start_switch(root, slow, "1-2")
+        # The host itself loses the switch (a reboot, an OOM kill): nothing finished it.
+        out = subprocess.run(["pgrep", "-f", "switch.sh"], capture_output=True, text=True).stdout.split()
+        for pid in out:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if os.path.join(root, ".switch", "1-2").encode() in f.read():
+                    os.killpg(int(pid), signal.SIGKILL)  # the switch and what it runs (not the services)
+        conn.close()
+        conn, shell = open_session(root)
+        try:
+            report = facts.parse(shell.run(commands.facts(slow)).output)
+        finally:
+            shell.close()
+            conn.close()
+        assert ("1-2", "was cut off mid-switch; rolled back to the previous version") in report.switches
+        assert report.procs["svc"].alive and report.procs["svc"].fingerprint == "v1"
+        with open(os.path.join(root, "services", "svc", "config.yaml"), "rb") as f:
+            assert f.read() == b"v1"
+    finally:
+        stop_all(root)
