@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from tests.conftest import inference_inventory, run_fleet
+from tests.test_input_bounds import laughs
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,10 @@ CASES = {
     "secret from a missing env var": (lambda t: replace_line(t, "    port: 7073", "    port: 7073\n    vars:\n"
                                                              "      modelPath: {env: FLEET_TEST_UNSET_VAR}"),
                                       "services.inference.vars.modelPath.env: environment variable"),
+    "alias bomb": (lambda t: laughs(7).replace("hosts: {}\nservices: {}\n", "") + t,
+                   "aliases expand to more than 10000 nodes"),
+    "deep nesting": (lambda t: replace_line(t, "    port: 7073", "    port: 7073\n    vars: " + "[" * 5000 + "]" * 5000),
+                     "nested more than 50 levels deep"),
 }
 
 
