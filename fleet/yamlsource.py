@@ -26,7 +26,14 @@ class Located:
         return self.lines.get(keys, 1)
 
     def error(self, keys, message):
-        return UsageError(message, path=self.path, line=self.line(keys), key=".".join(map(str, keys)) or None)
+        return UsageError(message, path=self.path, line=self.line(keys), key=key_path(keys))
+
+
+def key_path(keys):
+    """"services.inference.port"; a key that is not printable text is shown quoted, so that the
+    error stays one line."""
+    return ".".join(k if isinstance(k, str) and k.isprintable() else repr(k) if isinstance(k, str) else str(k)
+                    for k in keys) or None
 
 
 def load(path):
@@ -100,12 +107,12 @@ class _Converter:
         line = self.lines.get(keys, node.start_mark.line + 1)
         if id(node) in self._open:
             raise UsageError("recursive YAML alias (a node inside itself)", path=self.path, line=line,
-                             key=".".join(map(str, keys)) or None)
+                             key=key_path(keys))
         if id(node) in self._seen:
             self._expanded += 1
             if self._expanded > MAX_ALIAS_EXPANSION:
                 raise UsageError(f"YAML aliases expand to more than {MAX_ALIAS_EXPANSION} nodes",
-                                 path=self.path, line=line, key=".".join(map(str, keys)) or None)
+                                 path=self.path, line=line, key=key_path(keys))
         self._seen.add(id(node))
         self.lines.setdefault(keys, line)
         if isinstance(node, yaml.ScalarNode):
@@ -126,7 +133,7 @@ class _Converter:
             key = self._scalar(key_node)
             if key in result:
                 raise UsageError(f"duplicate key {key!r}", path=self.path, line=key_node.start_mark.line + 1,
-                                 key=".".join(map(str, keys + (key,))))
+                                 key=key_path(keys + (key,)))
             self.lines[keys + (key,)] = key_node.start_mark.line + 1
             result[key] = self.convert(value_node, keys + (key,))
         return result
