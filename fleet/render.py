@@ -40,9 +40,8 @@ QuotingDumper.add_representer(Secret, _represent_str)
 
 
 def yaml_scalar(value):
-    """The `q` filter: value as one YAML (and, for strings, JSON-compatible) scalar that cannot
-    add keys or lines, whatever it holds: strings double-quoted with escapes, numbers and booleans
-    as themselves."""
+    """The `q` filter: value as one YAML scalar that cannot add keys or lines, whatever it holds:
+    strings double-quoted with PyYAML's escapes, numbers and booleans as themselves."""
     if isinstance(value, jinja2.Undefined):
         str(value)  # raises: StrictUndefined says which variable
     if isinstance(value, bool):
