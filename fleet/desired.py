@@ -148,7 +148,7 @@ def _under_root(root, relative, where, task_name):
 
 
 def _process(state, label, task, args, task_files, where):
-    if not inventory_module.NAME.match(str(args["name"])):
+    if not inventory_module.NAME.fullmatch(str(args["name"])):
         raise UsageError(f"process name {args['name']!r} is not a valid name ({inventory_module.NAME_RULE})",
                          path=where, key=task.name)
     restart_on = args.get("restart_on", [])

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from fleet import render, yamlsource
 
 # Host, service, role and process names become file names and log names on hosts.
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # whole names: use fullmatch
 NAME_RULE = "letters, digits, '_', '.', '-', not starting with '.'"
-_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent"}
@@ -293,7 +293,7 @@ def _check_port_conflicts(source, services, hosts):
 
 
 def _name(source, keys, name):
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise source.error(keys, f"{name!r} is not a valid name ({NAME_RULE})")
     return name
 
@@ -315,7 +315,7 @@ def _address(source, keys, value):
     if is_ip_literal(value):
         return
     labels = value.rstrip(".").split(".")
-    if (len(value) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels)
+    if (len(value) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()):
         raise source.error(keys, f"{value!r} is neither an IP address nor a host name")
 

@@ -31,8 +31,10 @@ class QuotingDumper(yaml.SafeDumper):
 
 
 def _represent_str(dumper, value):
-    plain = all(0x20 <= ord(ch) <= 0x7E for ch in value) and "'" not in value
-    return dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style=None if plain else '"')
+    # Printable ASCII without "'" appears verbatim in any style PyYAML picks; anything else is
+    # double-quoted, where its escapes are exactly yaml_scalar's.
+    verbatim = all(0x20 <= ord(ch) <= 0x7E for ch in value) and "'" not in value
+    return dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style=None if verbatim else '"')
 
 
 QuotingDumper.add_representer(str, _represent_str)

@@ -49,7 +49,7 @@ def load_roles(roles_dir):
 def _load_role(roles_dir, name, including):
     """A role's tasks.yaml is a task list, or `include: OTHER` to take OTHER's tasks and defaults
     (its own defaults.yaml then adds to and overrides OTHER's)."""
-    if not isinstance(name, str) or not inventory.NAME.match(name):
+    if not isinstance(name, str) or not inventory.NAME.fullmatch(name):
         where = os.path.join(roles_dir, including[-1], "tasks.yaml") if including else os.path.join(roles_dir, name)
         raise UsageError(f"role name {name!r} is not a valid name ({inventory.NAME_RULE})", path=where)
     if name in including:

@@ -47,7 +47,7 @@ def test_bad_service_names_are_refused(tmp_path, name):
     assert err.key == f"services.{name}" and "is not a valid name" in err.message
 
 
-@pytest.mark.parametrize("name", ["h$(id)", "..", "h\nx"])
+@pytest.mark.parametrize("name", ["h$(id)", "..", "h\nx", "h\n"])
 def test_bad_host_names_are_refused(tmp_path, name):
     data = service_inventory(hosts={"a": {"address": "10.0.0.1"}, name: {"address": "10.0.0.2"}})
     err = refused(tmp_path, data)
@@ -192,7 +192,8 @@ def test_host_names_as_addresses_give_a_strict_dns_cluster(tmp_path):
     assert yaml.safe_load(file_named(states["a"], "/envoy/svc/cds.yaml").content)["resources"][0]["type"] == "STATIC"
 
 
-@pytest.mark.parametrize("address", ["exa mple", "10.0.0.300", "-bad.example", "a..b", "x" * 64 + ".example"])
+@pytest.mark.parametrize("address", ["exa mple", "10.0.0.300", "-bad.example", "a..b", "x" * 64 + ".example",
+                                     "host.example\n"])
 def test_bad_addresses_are_refused(tmp_path, address):
     hosts = {"a": {"address": address}, "b": {"address": "10.0.0.2"}}
     err = refused(tmp_path, service_inventory(hosts=hosts))
