@@ -180,7 +180,7 @@ class _Builder:
         self._expanded += size
         if self._expanded > MAX_ALIAS_EXPANSION:
             raise self._error(self._child_keys(line) or (), line,
-                              f"YAML aliases expand to more than {MAX_ALIAS_EXPANSION} nodes")
+                              f"YAML aliases expand to more than {MAX_ALIAS_EXPANSION} values")
         return copy.deepcopy(value), size  # a copy, as if written out: later changes stay local
 
     def _scalar(self, event):

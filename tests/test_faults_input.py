@@ -36,7 +36,7 @@ CASES = {
                                                              "      modelPath: {env: FLEET_TEST_UNSET_VAR}"),
                                       "services.inference.vars.modelPath.env: environment variable"),
     "alias bomb": (lambda t: laughs(7).replace("hosts: {}\nservices: {}\n", "") + t,
-                   "aliases expand to more than 10000 nodes"),
+                   "aliases expand to more than 10000 values"),
     "shell in a service name": (lambda t: replace_line(t, "  inference:", "  x$(touch /srv/PWNED):"),
                                 "services.x$(touch /srv/PWNED): 'x$(touch /srv/PWNED)' is not a valid name"),
     "root leaving itself": (lambda t: replace_line(t, "root: /srv/fleet", "root: /srv/fleet/../../etc"),
