@@ -14,7 +14,7 @@ from fleet.errors import UsageError
 MAX_BYTES = 256 << 10  # a larger file is refused unread
 MAX_NODES = 50_000  # values (scalars, mappings, lists) written in the file
 MAX_DEPTH = 50  # nesting of mappings and lists
-MAX_ALIAS_EXPANSION = 10_000  # nodes that aliases stand for, in all
+MAX_ALIAS_EXPANSION = 10_000  # values that aliases stand for, in all
 
 
 class Located:
@@ -84,7 +84,7 @@ class _Frame:
     def __init__(self, value, keys, anchor):
         self.value, self.keys, self.anchor = value, keys, anchor
         self.key = _NO_KEY  # in a mapping: the key whose value comes next
-        self.size = 1  # nodes in it, aliases counted expanded
+        self.size = 1  # values in it, aliases counted expanded
 
 
 _NO_KEY = object()
@@ -94,7 +94,7 @@ _STR = "tag:yaml.org,2002:str"
 class _Builder:
     """Parser events -> plain data with the line of each key path, in one pass without recursion
     (so nesting cannot overflow the stack; deeper than MAX_DEPTH is refused). An alias is a copy
-    of its anchor's value, whose nodes count against MAX_ALIAS_EXPANSION; an alias inside its
+    of its anchor's value, whose values count against MAX_ALIAS_EXPANSION; an alias inside its
     own anchor is a recursive alias and is refused."""
 
     def __init__(self, path):
