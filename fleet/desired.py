@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from fleet import artifacts
+from fleet import artifacts, inventory as inventory_module, render
 from fleet.errors import UsageError
 
 _LDS_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -89,7 +89,8 @@ def role_context(inventory, service, role, host, play_vars):
         port=backend_port,
         ingress=service.ingress,
         services=inventory.urls(),
-        backends=[{"host": b.host, "address": inventory.hosts[b.host].address, "port": b.port}
+        backends=[{"host": b.host, "address": inventory.hosts[b.host].address, "port": b.port,
+                   "ip_literal": inventory_module.is_ip_literal(inventory.hosts[b.host].address)}
                   for b in service.backends],
     )
     return context
@@ -103,16 +104,18 @@ def _apply_role(state, role, service, context, renderer, base_dir, secrets):
         args = renderer.value(task.args, context, where)
         if task.module == "upload":
             artifact = artifacts.resolve(args["src"], base_dir)
-            path = posixpath.join(state.host.root, "artifacts", artifact.sha256[:16], artifact.name)
+            path = _under_root(state.host.root, posixpath.join("artifacts", artifact.sha256[:16], artifact.name),
+                               where, task.name)
             spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),
                             source=artifact.path)
             files, restart_files = [spec], [spec]
         elif task.module == "template":
             text = renderer.file(args["src"], context).encode()
-            spec = _content_file(label, posixpath.join(state.host.root, args["dest"]), text, secrets)
+            spec = _content_file(label, _under_root(state.host.root, args["dest"], where, task.name), text, secrets)
             files, restart_files = [spec], [spec]
         elif task.module == "envoy_config":
-            files, restart_files, validation = _envoy_config(label, state.host.root, args, context, renderer)
+            directory = _under_root(state.host.root, args["dir"], where, task.name)
+            files, restart_files, validation = _envoy_config(label, directory, args, context, renderer, secrets)
             state.envoy_validations.append((label, validation))
         else:
             _process(state, label, task, args, task_files, where)
@@ -136,7 +139,18 @@ def _add_files(state, files):
                              f"{known[spec.path].task} and {spec.task}")
 
 
+def _under_root(root, relative, where, task_name):
+    """root/relative, refused unless it stays strictly under root (no '..', no absolute path)."""
+    path = posixpath.normpath(posixpath.join(root, str(relative)))
+    if not path.startswith(root.rstrip("/") + "/") or inventory_module.has_control_characters(path):
+        raise UsageError(f"path {relative!r} leaves the host's root {root}", path=where, key=task_name)
+    return path
+
+
 def _process(state, label, task, args, task_files, where):
+    if not inventory_module.NAME.fullmatch(str(args["name"])):
+        raise UsageError(f"process name {args['name']!r} is not a valid name ({inventory_module.NAME_RULE})",
+                         path=where, key=task.name)
     restart_on = args.get("restart_on", [])
     unknown = [name for name in restart_on if name not in task_files]
     if unknown:
@@ -154,17 +168,17 @@ def _process(state, label, task, args, task_files, where):
                                        files=tuple(f.path for f in dependencies)))
 
 
-def _content_file(label, path, content, secrets=()):
-    """A rendered file; readable by its owner only if it holds a secret."""
+def _content_file(label, path, content, secrets):
+    """A rendered file; readable by its owner only if it holds a secret (in any of its forms,
+    which inventory.secrets all holds)."""
     private = any(secret.encode() in content for secret in secrets)
     return FileSpec(task=label, path=path, sha256=hashlib.sha256(content).hexdigest(), content=content,
                     mode=0o600 if private else 0o644, secret=private)
 
 
-def _envoy_config(label, root, args, context, renderer):
-    """Bootstrap + file-based LDS/CDS for the running Envoy, and the equivalent static config
-    that `envoy --mode validate` checks before any of it is sent."""
-    directory = posixpath.join(root, args["dir"])
+def _envoy_config(label, directory, args, context, renderer, secrets):
+    """Bootstrap + file-based LDS/CDS for the running Envoy in directory, and the equivalent
+    static config that `envoy --mode validate` checks before any of it is sent."""
     bootstrap = _yaml(renderer.file(args["bootstrap"], context), args["bootstrap"])
     resources = _yaml(renderer.file(args["resources"], context), args["resources"])
     listeners, clusters = resources.get("listeners", []), resources.get("clusters", [])
@@ -174,9 +188,11 @@ def _envoy_config(label, root, args, context, renderer):
         "cds_config": {"resource_api_version": "V3", "path_config_source": {"path": cds_path}},
     })
     static = dict(bootstrap, static_resources={"listeners": listeners, "clusters": clusters})
-    cds = _content_file(label, cds_path, _dump({"resources": [dict({"@type": _CDS_TYPE}, **c) for c in clusters]}))
-    lds = _content_file(label, lds_path, _dump({"resources": [dict({"@type": _LDS_TYPE}, **l) for l in listeners]}))
-    boot = _content_file(label, posixpath.join(directory, "bootstrap.yaml"), _dump(dynamic))
+    cds = _content_file(label, cds_path, _dump({"resources": [dict({"@type": _CDS_TYPE}, **c) for c in clusters]}),
+                        secrets)
+    lds = _content_file(label, lds_path, _dump({"resources": [dict({"@type": _LDS_TYPE}, **l) for l in listeners]}),
+                        secrets)
+    boot = _content_file(label, posixpath.join(directory, "bootstrap.yaml"), _dump(dynamic), secrets)
     # Clusters before listeners so a route never points at a cluster Envoy has not seen; only a
     # bootstrap change needs a restart, LDS/CDS files are picked up by the running Envoy.
     return [cds, lds, boot], [boot], _dump(static).decode()
@@ -194,7 +210,7 @@ def _yaml(text, name):
 
 def _dump(data):
     return ("# Rendered by fleet; changes here are overwritten on deploy.\n"
-            + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)).encode()
+            + yaml.dump(data, Dumper=render.QuotingDumper, sort_keys=False, default_flow_style=False)).encode()
 
 
 def deploy_order(inventory, services, project):

@@ -3,11 +3,20 @@
 Every key is documented in docs/inventory.md; errors name the file, line and key.
 """
 
+import ipaddress
 import os
+import posixpath
+import re
 import sys
 from dataclasses import dataclass, field
 
-from fleet import yamlsource
+from fleet import render, yamlsource
+
+# Host, service, role and process names become file names and log names on hosts.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # whole names: use fullmatch
+NAME_RULE = "letters, digits, '_', '.', '-', not starting with '.'"
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent"}
 HOST_DEFAULTS = {
@@ -83,7 +92,7 @@ class Inventory:
     source: object = field(default=None, compare=False)  # yamlsource.Located, for error lines
 
     def mask(self, text):
-        """text with every secret value replaced by ********."""
+        """text with every secret value (and its quoted form in a YAML file) replaced by ********."""
         for secret in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(secret, "********")
         return text
@@ -135,16 +144,20 @@ def parse(source, known_roles):
         _known_keys(source, ("defaults",), data["defaults"], HOST_KEYS - {"address"})
         defaults.update(data["defaults"])
     _mapping(source, ("hosts",), data["hosts"], required=True)
-    hosts = {name: _host(source, name, spec, defaults, base) for name, spec in data["hosts"].items()}
+    hosts = {_name(source, ("hosts", name), name): _host(source, name, spec, defaults, base)
+             for name, spec in data["hosts"].items()}
+    _check_same_targets(source, hosts)
     _mapping(source, ("services",), data["services"], required=True)
-    services = {name: _service(source, name, spec, hosts, known_roles) for name, spec in data["services"].items()}
-    _check_port_conflicts(source, services)
+    services = {_name(source, ("services", name), name): _service(source, name, spec, hosts, known_roles)
+                for name, spec in data["services"].items()}
+    _check_port_conflicts(source, services, hosts)
     return Inventory(path=source.path, hosts=hosts, services=services, secrets=frozenset(secrets), source=source)
 
 
 def _resolve_secrets(source, keys, value, secrets):
     """Replaces every `{secret: VALUE}` and `{env: NAME}` (taken from the controller's
-    environment) by its value, remembering it as a secret so that output can hide it."""
+    environment) by its value, a render.Secret: data, never rendered as a template. Each is
+    remembered, with the form it takes quoted in a config, so that output can hide it."""
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(item, dict) and len(item) == 1 and set(item) <= {"secret", "env"}:
@@ -156,9 +169,9 @@ def _resolve_secrets(source, keys, value, secrets):
                     if str(arg) not in os.environ:
                         raise source.error(where, f"environment variable {arg} is not set")
                     arg = os.environ[str(arg)]
-                value[key] = str(arg)
+                value[key] = render.Secret(arg)
                 if value[key]:
-                    secrets.add(value[key])
+                    secrets.update(render.secret_forms(value[key]))
             else:
                 _resolve_secrets(source, keys + (key,), item, secrets)
     elif isinstance(value, list):
@@ -177,6 +190,7 @@ def _host(source, name, spec, defaults, base):
         values["python"] = sys.executable if values["connection"] == "local" else "python3"
     for key in ("address", "user", "root", "python", "known_hosts"):
         _string(source, keys + (key,), values[key])
+    _address(source, keys + ("address",), values["address"])
     if values["connection"] not in CONNECTIONS:
         raise source.error(keys + ("connection",), f"must be one of {', '.join(sorted(CONNECTIONS))}")
     _port(source, keys + ("port",), values["port"])
@@ -192,8 +206,7 @@ def _host(source, name, spec, defaults, base):
     root = values["root"]
     if values["connection"] == "local":
         root = local_path(root)
-    elif not root.startswith("/"):
-        raise source.error(keys + ("root",), "must be an absolute path on the host")
+    _root(source, keys + ("root",), root)
     return Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
                 port=values["port"], key=local_path(values["key"]) if values["key"] else None,
                 known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"],
@@ -238,7 +251,8 @@ def _service(source, name, spec, hosts, known_roles):
             raise source.error(ikeys, f"missing required key {key!r}")
     values = dict(INGRESS_DEFAULTS, **ingress_spec)
     _defined_host(source, ikeys + ("host",), values["host"], hosts)
-    _string(source, ikeys + ("listen_address",), values["listen_address"])
+    if not is_ip_literal(values["listen_address"]):
+        raise source.error(ikeys + ("listen_address",), "must be an IP address (0.0.0.0 or :: for all)")
     ingress_vars = values.get("vars", {})
     _mapping(source, ikeys + ("vars",), ingress_vars)
     ingress = Ingress(host=values["host"], port=_port(source, ikeys + ("port",), values["port"]),
@@ -249,19 +263,75 @@ def _service(source, name, spec, hosts, known_roles):
     return Service(name=name, role=role, port=port, backends=tuple(backends), ingress=ingress, vars=service_vars)
 
 
-def _check_port_conflicts(source, services):
-    """Two things listening on one port of one host would fail at start: refuse them up front."""
+def _check_same_targets(source, hosts):
+    """Two names for one machine (same address, SSH port and root) would each take the other's
+    lock and slip past the port checks: refuse the second name."""
+    first = {}
+    for name, host in hosts.items():
+        target = (_canonical_address(host.address), host.port, host.root)
+        if target in first:
+            raise source.error(("hosts", name), f"same host as {first[target]} (address {host.address}, "
+                                                f"port {host.port}, root {host.root})")
+        first[target] = name
+
+
+def _check_port_conflicts(source, services, hosts):
+    """Two things listening on one port of one address would fail at start: refuse them up front.
+    Claims are per address, so two host names for one machine cannot share a port either."""
     taken = {}
     for name, service in services.items():
         keys = ("services", name)
-        claims = [((b.host, b.port), keys + ("backends", i), f"{name} backend") for i, b in enumerate(service.backends)]
+        claims = [(b.host, b.port, keys + ("backends", i), f"{name} backend") for i, b in enumerate(service.backends)]
         ingress = service.ingress
-        claims.append(((ingress.host, ingress.port), keys + ("ingress", "port"), f"{name} Envoy listener"))
-        claims.append(((ingress.host, ingress.admin_port), keys + ("ingress", "admin_port"), f"{name} Envoy admin"))
-        for slot, where, what in claims:
+        claims.append((ingress.host, ingress.port, keys + ("ingress", "port"), f"{name} Envoy listener"))
+        claims.append((ingress.host, ingress.admin_port, keys + ("ingress", "admin_port"), f"{name} Envoy admin"))
+        for host, port, where, what in claims:
+            slot = (_canonical_address(hosts[host].address), port)
             if slot in taken:
-                raise source.error(where, f"port {slot[1]} on host {slot[0]} is already taken by {taken[slot]}")
-            taken[slot] = what
+                raise source.error(where, f"port {port} on host {host} is already taken by {taken[slot]}")
+            taken[slot] = f"{what} on {host}"
+
+
+def _name(source, keys, name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise source.error(keys, f"{name!r} is not a valid name ({NAME_RULE})")
+    return name
+
+
+def is_ip_literal(value):
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical_address(address):
+    return str(ipaddress.ip_address(address)) if is_ip_literal(address) else address.lower().rstrip(".")
+
+
+def _address(source, keys, value):
+    """An IP address or an RFC 1123 host name (Envoy then resolves it: a STRICT_DNS cluster)."""
+    if is_ip_literal(value):
+        return
+    labels = value.rstrip(".").split(".")
+    if (len(value) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise source.error(keys, f"{value!r} is neither an IP address nor a host name")
+
+
+def has_control_characters(text):
+    return bool(_CONTROL.search(text))
+
+
+def _root(source, keys, root):
+    if not root.startswith("/"):
+        raise source.error(keys, "must be an absolute path on the host")
+    if has_control_characters(root):
+        raise source.error(keys, "must not contain control characters (newline, tab, NUL)")
+    if posixpath.normpath(root) != root or root.startswith("//"):
+        raise source.error(keys, f"must be a normalised path (no '..', '.', '//' or trailing '/'): "
+                                 f"{posixpath.normpath(root)!r}?")
 
 
 def _mapping(source, keys, value, required=False):

@@ -3,7 +3,7 @@
 import os
 from dataclasses import dataclass
 
-from fleet import yamlsource
+from fleet import inventory, yamlsource
 from fleet.errors import UsageError
 
 MODULES = {
@@ -49,6 +49,9 @@ def load_roles(roles_dir):
 def _load_role(roles_dir, name, including):
     """A role's tasks.yaml is a task list, or `include: OTHER` to take OTHER's tasks and defaults
     (its own defaults.yaml then adds to and overrides OTHER's)."""
+    if not isinstance(name, str) or not inventory.NAME.fullmatch(name):
+        where = os.path.join(roles_dir, including[-1], "tasks.yaml") if including else os.path.join(roles_dir, name)
+        raise UsageError(f"role name {name!r} is not a valid name ({inventory.NAME_RULE})", path=where)
     if name in including:
         raise UsageError(f"roles include each other: {' -> '.join(including + (name,))}", path=roles_dir)
     if not os.path.isdir(os.path.join(roles_dir, name)):

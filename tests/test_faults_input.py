@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from tests.conftest import inference_inventory, run_fleet
+from tests.test_input_bounds import laughs
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,14 @@ CASES = {
     "secret from a missing env var": (lambda t: replace_line(t, "    port: 7073", "    port: 7073\n    vars:\n"
                                                              "      modelPath: {env: FLEET_TEST_UNSET_VAR}"),
                                       "services.inference.vars.modelPath.env: environment variable"),
+    "alias bomb": (lambda t: laughs(7).replace("hosts: {}\nservices: {}\n", "") + t,
+                   "aliases expand to more than 10000 values"),
+    "shell in a service name": (lambda t: replace_line(t, "  inference:", "  x$(touch /srv/PWNED):"),
+                                "services.x$(touch /srv/PWNED): 'x$(touch /srv/PWNED)' is not a valid name"),
+    "root leaving itself": (lambda t: replace_line(t, "root: /srv/fleet", "root: /srv/fleet/../../etc"),
+                            "hosts.h0.root: must be a normalised path"),
+    "deep nesting": (lambda t: replace_line(t, "    port: 7073", "    port: 7073\n    vars: " + "[" * 5000 + "]" * 5000),
+                     "nest"),
 }
 
 

@@ -10,7 +10,7 @@ import json
 import grpc
 
 from fleet.services import data
-from fleet.services.kvstore import RedisError, open_store
+from fleet.services.kvstore import RedisError, open_store, redacted
 from fleet.services.proto import feature_pb2, feature_pb2_grpc
 from fleet.services.server import Metered, serve
 
@@ -69,6 +69,6 @@ def main(config):
     try:
         load_initial_data(store, prefix)
     except (OSError, RedisError) as e:
-        raise SystemExit(f"feature store {config.get('redisUrl')}: {e}")
+        raise SystemExit(f"feature store {redacted(config.get('redisUrl') or '')}: {e}")
     servicer = Feature(store, prefix, service_type, data.TwoTower())
     serve(config, lambda server: feature_pb2_grpc.add_FeatureServicer_to_server(servicer, server), [SERVICE_NAME])

@@ -101,6 +101,16 @@ def _read_reply(reader):
     raise RedisError(f"unexpected reply {line!r}")
 
 
+def redacted(url):
+    """url with any password replaced by ***, for logs and errors."""
+    parsed = urlparse(url if "://" in url else f"redis://{url}")
+    if parsed.password is None:
+        return url
+    userinfo, _, host = parsed.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parsed._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def open_store(config):
     url = config.get("redisUrl")
     return RedisStore(url) if url else EmbeddedStore()
