@@ -4,6 +4,7 @@ Every key is documented in docs/inventory.md; errors name the file, line and key
 """
 
 import ipaddress
+import math
 import os
 import posixpath
 import re
@@ -31,7 +32,8 @@ HOST_DEFAULTS = {
     "agent": True,
 }
 CONNECTIONS = {"ssh", "local"}
-SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars"}
+SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars", "rollout"}
+ROLLOUT_KEYS = {"batch", "healthy_timeout"}
 BACKEND_KEYS = {"host", "port"}
 INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
 INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
@@ -69,6 +71,19 @@ class Ingress:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A service's `rollout:` key: how a change restarts its running backends (fleet/rolling.py)."""
+
+    batch: object = "25%"  # a number of backends, or "N%" of them (at least one)
+    healthy_timeout: int = 30  # seconds a restarted batch has to turn healthy in Envoy
+
+    def batch_size(self, backends):
+        if isinstance(self.batch, str):
+            return max(1, math.floor(backends * float(self.batch[:-1]) / 100))
+        return max(1, min(self.batch, backends))
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     role: str
@@ -76,6 +91,7 @@ class Service:
     backends: tuple
     ingress: Ingress
     vars: dict = field(default_factory=dict, compare=False)  # for the service's own role
+    rollout: Rollout = Rollout()  # how a change restarts running backends
 
     def hosts(self):
         """Every host the service runs on, backends first, each once."""
@@ -260,7 +276,25 @@ def _service(source, name, spec, hosts, known_roles):
                       listen_address=values["listen_address"], vars=ingress_vars)
     service_vars = spec.get("vars", {})
     _mapping(source, keys + ("vars",), service_vars)
-    return Service(name=name, role=role, port=port, backends=tuple(backends), ingress=ingress, vars=service_vars)
+    return Service(name=name, role=role, port=port, backends=tuple(backends), ingress=ingress, vars=service_vars,
+                   rollout=_rollout(source, keys + ("rollout",), spec.get("rollout", {})))
+
+
+def _rollout(source, keys, spec):
+    _mapping(source, keys, spec)
+    _known_keys(source, keys, spec, ROLLOUT_KEYS)
+    batch = spec.get("batch", Rollout.batch)
+    if isinstance(batch, str):
+        number = batch[:-1]
+        if not (batch.endswith("%") and number.isdigit() and 1 <= int(number) <= 100):
+            raise source.error(keys + ("batch",), f"{batch!r} is neither a number of backends nor a percentage "
+                                                  "like '25%'")
+    elif not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise source.error(keys + ("batch",), f"{batch!r} is not a number of backends (1 or more)")
+    timeout = spec.get("healthy_timeout", Rollout.healthy_timeout)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 3600:
+        raise source.error(keys + ("healthy_timeout",), f"{timeout!r} is not a number of seconds (1-3600)")
+    return Rollout(batch=batch, healthy_timeout=timeout)
 
 
 def _check_same_targets(source, hosts):

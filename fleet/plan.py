@@ -34,6 +34,19 @@ class HostPlan:
     def changed(self):
         return bool(self.send or self.restarts)
 
+    def only(self, tasks):
+        """This plan restricted to the given task labels (what a rolling batch applies)."""
+        keep = set(tasks)
+        send = [f for f in self.send if f.task in keep]
+        paths = {f.path for f in send}
+        restarts = [p for p in self.restarts if p.task in keep]
+        return HostPlan(state=self.state, send=send, restarts=restarts,
+                        reasons={p.name: self.reasons[p.name] for p in restarts},
+                        diffs=[d for d in self.diffs if d[0] in paths])
+
+    def without(self, tasks):
+        return self.only(set(self.state.tasks) - set(tasks))
+
     def task_status(self):
         """task label -> Status.CHANGED or Status.OK, as this plan would leave it."""
         changed = {f.task for f in self.send} | {p.task for p in self.restarts}

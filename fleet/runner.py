@@ -1,6 +1,7 @@
 """Orchestration of a command across hosts: connect, gather facts, apply, verify. The only
 module that sequences remote work; what to run comes from desired/plan/commands."""
 
+import dataclasses
 import getpass
 import hashlib
 import os
@@ -11,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, facts, plan, protocol, ui, verify
+from fleet import commands, connection, facts, plan, protocol, rolling, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
@@ -22,6 +23,8 @@ AGENT_IDLE_SECONDS = 900
 # init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
 # starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
 LOGIN_SHELLS_AT_ONCE = 8
+# Seconds Envoy has to show a batch as draining after its cluster file changed (it reloads at once).
+DRAIN_TIMEOUT_SECONDS = 15
 
 
 @dataclass
@@ -33,6 +36,8 @@ class HostOutcome:
     rolled_back: list = field(default_factory=list)  # processes put back to their previous version
     error: str | None = None
     plan: object = None
+    report: object = None  # the host's latest facts.Report
+    shell: object = None  # its connection.ScriptSession
     timings: dict = field(default_factory=dict)  # phase -> seconds (connect, facts, apply)
 
     def counts(self):
@@ -150,22 +155,39 @@ def parallel(items, fn):
 
 
 def deploy(fleet, states, services, inventory, console):
-    """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks)."""
+    """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks).
+
+    Every host's facts and plan first; then, in parallel, every change except restarts of
+    backends that serve behind a running Envoy; then those, batch by batch, each batch drained
+    from Envoy first and back in rotation before the next (fleet/rolling.py)."""
     listen = {}  # host name -> addresses its Envoys listen on
     for s in services:
         listen.setdefault(s.ingress.host, set()).add(s.ingress.listen_address)
     with ui.Progress(console, list(states)) as progress:
-        outcomes = parallel(list(states.values()),
-                            lambda state: _deploy_host(fleet, state, listen.get(state.host.name, ()), progress))
-    if fleet.options.check:
-        return outcomes, []
+        outcomes = {o.host: o for o in parallel(
+            list(states.values()), lambda state: _prepare_host(fleet, state, listen.get(state.host.name, ()),
+                                                               progress))}
+        if fleet.options.check:
+            return list(outcomes.values()), []
+        rolls = [(s, _rolling_hosts(s, states, outcomes)) for s in services]
+        rolled = {(name, task) for s, hosts in rolls for name in hosts for task in
+                  rolling.backend_tasks(states[name], s)}
+        parallel([o for o in outcomes.values() if o.report is not None],
+                 lambda o: _apply(fleet, o, o.plan.without({t for n, t in rolled if n == o.host}), progress))
+        for service, hosts in rolls:
+            if hosts:
+                _roll(fleet, service, hosts, states, outcomes, inventory, progress)
+        for outcome in outcomes.values():
+            if outcome.report is not None:
+                _verify_ports(outcome, states[outcome.host], progress)
     started = time.perf_counter()
     checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
     fleet.timings["check through Envoy"] = fleet.timings.get("check through Envoy", 0) + time.perf_counter() - started
-    return outcomes, checks
+    return list(outcomes.values()), checks
 
 
-def _deploy_host(fleet, state, listen_addresses, progress):
+def _prepare_host(fleet, state, listen_addresses, progress):
+    """Connect, gather facts and plan; the outcome carries the plan and the facts report."""
     name = state.host.name
     outcome = HostOutcome(host=name)
     progress.step(name, "connect", Status.RUNNING)
@@ -176,15 +198,17 @@ def _deploy_host(fleet, state, listen_addresses, progress):
         outcome.steps["connect"] = Status.FAILED
         progress.step(name, "connect", Status.FAILED, outcome.error)
         return outcome
+    outcome.shell = link.shell
     try:
-        _deploy_linked(fleet, link.shell, state, listen_addresses, outcome, progress)
+        _plan_linked(fleet, link.shell, state, listen_addresses, outcome, progress)
     except connection.ConnectFailed as e:
         outcome.error = fleet.mask(str(e))
+        outcome.report = None
         progress.step(name, "connection", Status.FAILED, outcome.error)
     return outcome
 
 
-def _deploy_linked(fleet, shell, state, listen_addresses, outcome, progress):
+def _plan_linked(fleet, shell, state, listen_addresses, outcome, progress):
     name = state.host.name
     progress.step(name, "facts", Status.RUNNING)
     started = time.perf_counter()
@@ -204,45 +228,156 @@ def _deploy_linked(fleet, shell, state, listen_addresses, outcome, progress):
         outcome.steps["facts"] = Status.FAILED
         progress.step(name, "facts", Status.FAILED, outcome.error)
         return
-    host_plan = plan.plan_host(state, report, mask=fleet.mask)
-    outcome.plan = host_plan
-    for label, status in host_plan.task_status().items():
+    outcome.plan = plan.plan_host(state, report, mask=fleet.mask)
+    outcome.report = report
+    for label, status in outcome.plan.task_status().items():
         outcome.steps[label] = status
         if status == Status.OK or fleet.options.check:
             progress.step(name, label, status if status == Status.OK else Status.WOULD_CHANGE)
-    if fleet.options.check:
-        return
-    if host_plan.changed:
-        def on_line(line):
-            marker, _, rest = line.partition(" ")
-            if marker == protocol.STEP:
-                label, _, status = rest.partition(" ")
-                progress.step(name, label, status)
 
-        progress.step(name, "apply", Status.RUNNING)
-        started = time.perf_counter()
+
+def _rolling_hosts(service, states, outcomes):
+    """Backends of the service that restart while serving behind its running Envoy: these roll.
+    The others (nothing running yet, or no Envoy in front to drain them) change at once."""
+    ingress = outcomes.get(service.ingress.host)
+    if ingress is None or ingress.report is None:
+        return []
+    envoy = ingress.report.procs.get(f"envoy-{service.name}")
+    if envoy is None or not envoy.alive:
+        return []
+    hosts = []
+    for backend in service.backends:
+        outcome = outcomes.get(backend.host)
+        if outcome is None or outcome.report is None:
+            continue
+        found = outcome.report.procs.get(service.name)
+        restarts = {p.name for p in outcome.plan.restarts}
+        if service.name in restarts and found is not None and found.alive:
+            hosts.append(backend.host)
+    return hosts
+
+
+def _apply(fleet, outcome, host_plan, progress):
+    """Applies a plan (or part of one) through the host's session; records what happened."""
+    if not host_plan.changed or outcome.error:
+        return not outcome.error
+    name = outcome.host
+
+    def on_line(line):
+        marker, _, rest = line.partition(" ")
+        if marker == protocol.STEP:
+            label, _, status = rest.partition(" ")
+            progress.step(name, label, status)
+
+    progress.step(name, "apply", Status.RUNNING)
+    started = time.perf_counter()
+    try:
         switch = commands.apply(host_plan, fleet.txid)
-        result = shell.run(switch.script, payload=switch.payload, on_line=on_line)
-        shell.run(commands.forget_switch(fleet.txid))
-        outcome.timings["apply"] = time.perf_counter() - started
-        report = facts.parse(result.output)
-        done = dict(report.steps)
-        for label, status in outcome.steps.items():
-            if status == Status.CHANGED and label not in done:
-                outcome.steps[label] = Status.FAILED
-        outcome.logs = {proc: fleet.mask(tail) for proc, tail in report.logs.items()}
-        outcome.rolled_back = report.rolled_back
-        reasons = [f"{n}: {r}" for n, r in report.failures]
-        reasons += [f"{n}: previous version restored and running" for n in report.rolled_back]
-        if reasons:
-            outcome.error = fleet.mask("; ".join(reasons))
-        elif result.exit_code != 0:
-            outcome.error = fleet.mask(f"apply failed (exit {result.exit_code}): {_last_line(result.output)}")
-        if outcome.error:
-            progress.step(name, "apply", Status.FAILED, outcome.error)
-    outcome.ports = verify.check_ports(state, report)
+        result = outcome.shell.run(switch.script, payload=switch.payload, on_line=on_line)
+        outcome.shell.run(commands.forget_switch(fleet.txid))
+    except connection.ConnectFailed as e:
+        outcome.error = fleet.mask(str(e))
+        progress.step(name, "connection", Status.FAILED, outcome.error)
+        return False
+    outcome.timings["apply"] = outcome.timings.get("apply", 0) + time.perf_counter() - started
+    report = facts.parse(result.output)
+    outcome.report = report
+    done = dict(report.steps)
+    changed = host_plan.task_status()
+    for label, status in changed.items():
+        if status == Status.CHANGED and label not in done:
+            outcome.steps[label] = Status.FAILED
+    outcome.logs.update({proc: fleet.mask(tail) for proc, tail in report.logs.items()})
+    outcome.rolled_back += report.rolled_back
+    reasons = [f"{n}: {r}" for n, r in report.failures]
+    reasons += [f"{n}: previous version restored and running" for n in report.rolled_back]
+    if reasons:
+        outcome.error = fleet.mask("; ".join(reasons))
+    elif result.exit_code != 0:
+        outcome.error = fleet.mask(f"apply failed (exit {result.exit_code}): {_last_line(result.output)}")
+    if outcome.error:
+        progress.step(name, "apply", Status.FAILED, outcome.error)
+    return outcome.error is None
+
+
+def _roll(fleet, service, hosts, states, outcomes, inventory, progress):
+    """Restarts the service's backends on `hosts` batch by batch behind its Envoy: drain, switch,
+    back in rotation and healthy, next. A batch that fails stops the rollout there (its hosts were
+    rolled back by their switch); the remaining backends keep the release they run."""
+    ingress = outcomes[service.ingress.host]
+    cds = next(f for f in states[service.ingress.host].files if f.path == rolling.cds_path(
+        states[service.ingress.host].host.root, service.name))
+    cluster = envoy_cluster(service)
+    address = {b.host: f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends}
+    batches = rolling.batches(hosts, service.rollout)
+    for number, batch in enumerate(batches, 1):
+        label = f"{service.name} rollout {number}/{len(batches)}"
+        addresses = {address[h] for h in batch}
+        for host in batch:
+            progress.step(host, label, Status.RUNNING, "draining from Envoy")
+        problem = _set_cluster(fleet, ingress, cds, rolling.drained(cds.content, addresses)) or _wait_envoy(
+            fleet, service, cluster, lambda view: all("eds_status_draining" in view.get(a, "") for a in addresses),
+            DRAIN_TIMEOUT_SECONDS, "drained")
+        if not problem:
+            results = parallel(batch, lambda h: _apply(
+                fleet, outcomes[h], outcomes[h].plan.only(rolling.backend_tasks(states[h], service)), progress))
+            failed = [h for h, ok in zip(batch, results) if not ok]
+            # Back in rotation either way: the new version, or the previous one the switch restored.
+            problem = _set_cluster(fleet, ingress, cds, cds.content) or _wait_envoy(
+                fleet, service, cluster, lambda view: all(view.get(a) == "healthy" for a in addresses),
+                service.rollout.healthy_timeout, "healthy")
+            if failed:
+                problem = f"batch {number} failed on {', '.join(failed)}"
+        if problem:
+            rest = [h for later in batches[number:] for h in later]
+            for host in batch:
+                if outcomes[host].error is None:
+                    outcomes[host].error = f"rollout of {service.name} stopped: {problem}"
+            for host in rest:
+                for task in rolling.backend_tasks(states[host], service):
+                    if outcomes[host].steps.get(task) == Status.CHANGED:
+                        outcomes[host].steps[task] = Status.FAILED
+                outcomes[host].error = (f"not restarted: the rollout of {service.name} stopped at batch {number} "
+                                        f"({problem}); this backend keeps its running release")
+            return
+        for host in batch:
+            progress.step(host, label, Status.OK, "back in rotation, healthy in Envoy")
+
+
+def _set_cluster(fleet, ingress, cds, content):
+    """Writes the service's cluster file on its ingress host; the running Envoy takes it."""
+    spec = dataclasses.replace(cds, content=content, sha256=hashlib.sha256(content).hexdigest())
+    step = plan.HostPlan(state=ingress.plan.state, send=[spec])
+    try:
+        switch = commands.apply(step, fleet.txid)
+        result = ingress.shell.run(switch.script, payload=switch.payload)
+        ingress.shell.run(commands.forget_switch(fleet.txid))
+    except connection.ConnectFailed as e:
+        return f"ingress host {ingress.host}: {e}"
+    return None if result.exit_code == 0 else f"could not write the cluster file on {ingress.host}: " \
+                                                f"{_last_line(result.output)}"
+
+
+def _wait_envoy(fleet, service, cluster, condition, timeout, what):
+    """Waits until Envoy's view of the cluster ({address: health flags}) satisfies condition."""
+    conn = fleet.connection(service.ingress.host)
+
+    def probe():
+        try:
+            view = {e.address: e.health_flags for e in verify.envoy_endpoints(conn, service.ingress.admin_port,
+                                                                                 cluster)}
+        except OSError as e:
+            return False, f"Envoy admin not answering: {e}"
+        return condition(view), view
+
+    ok, detail = verify.wait_until(probe, timeout, interval=0.1)
+    return None if ok else f"backends not {what} in Envoy within {timeout}s: {detail}"
+
+
+def _verify_ports(outcome, state, progress):
+    outcome.ports = verify.check_ports(state, outcome.report)
     bad = [c for c in outcome.ports if not c.ok]
-    progress.step(name, "verify ports", Status.FAILED if bad else Status.OK,
+    progress.step(outcome.host, "verify ports", Status.FAILED if bad else Status.OK,
                   "; ".join(c.detail for c in bad) or f"{len(outcome.ports)} ports listened on by their processes")
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from fleet.services.inference import encode_instances
 from fleet.services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from tests.load import Load
 from tests.conftest import REPO, inference_inventory, run_fleet, write_inventory
 
 
@@ -462,36 +463,13 @@ def test_secrets_never_appear_in_output(lab, tmp_path, redis_with_password, monk
 # -- under load -----------------------------------------------------------------------------------------
 
 def test_a_backend_killed_and_redeployed_under_load(lab, base):
-    counts = {"sent": 0, "failed": 0}
-    lock, stop = threading.Lock(), threading.Event()
-
-    def client():
-        with grpc.insecure_channel(f"{lab.host('h0').address}:8083") as channel:
-            stub = ranking_pb2_grpc.RankingStub(channel)
-            while not stop.is_set():
-                try:
-                    stub.doPredict(ranking_pb2.Content(encodedStr=encode_instances([[0.2] * 8])), timeout=10)
-                    failed = 0
-                except grpc.RpcError:
-                    failed = 1
-                with lock:
-                    counts["sent"] += 1
-                    counts["failed"] += failed
-
-    clients = [threading.Thread(target=client) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    try:
+    with Load(f"{lab.host('h0').address}:8083") as load:
         time.sleep(2)
         os.kill(pid_of(lab, "h1", "inference"), signal.SIGKILL)
         time.sleep(4)
         result = run_fleet("deploy", "inference", "-i", base)
         time.sleep(4)
-    finally:
-        stop.set()
-        for thread in clients:
-            thread.join()
     assert result.returncode == 0, result.stdout + result.stderr
-    print(f"\nunder load: {counts['sent']} requests sent, {counts['failed']} failed")
-    assert counts["sent"] > 100
-    assert counts["failed"] <= len(clients)  # at most those in flight on the killed backend
+    print(f"\nunder load: {load}")
+    assert load.sent > 100
+    assert load.failed <= 4  # at most those in flight on the killed backend
