@@ -140,7 +140,8 @@ def parallel(items, fn):
 def deploy(fleet, states, services, inventory, console):
     """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks)."""
     with ui.Progress(console, list(states)) as progress:
-        outcomes = parallel(list(states.values()), lambda state: _deploy_host(fleet, state, progress))
+        outcomes = parallel(list(states.values()),
+                            lambda state: progress.finish(state.host.name, _deploy_host(fleet, state, progress)))
     if fleet.options.check:
         return outcomes, []
     started = time.perf_counter()
@@ -195,7 +196,8 @@ def _deploy_linked(fleet, shell, state, outcome, progress):
 
         progress.step(name, "apply", "running")
         started = time.perf_counter()
-        result = shell.run(commands.apply(host_plan, fleet.txid), payload=host_plan.payload, on_line=on_line)
+        result = shell.run(commands.apply(host_plan, fleet.txid), payload=host_plan.payload, on_line=on_line,
+                           on_bytes=progress.sending(name, sum(host_plan.size(s) for s in host_plan.send if s.content is None)))
         outcome.timings["apply"] = time.perf_counter() - started
         report = facts.parse(result.output)
         done = dict(report.steps)

@@ -8,9 +8,9 @@ import re
 import grpc
 import pytest
 
-from fleet.services import model
-from fleet.services.inference import encode_instances
-from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
+from friesian_services import model
+from friesian_services.inference import encode_instances
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
 from tests.conftest import inference_inventory, run_fleet, write_inventory
 
 

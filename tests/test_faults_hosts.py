@@ -14,8 +14,8 @@ import grpc
 import pytest
 import yaml
 
-from fleet.services.inference import encode_instances
-from fleet.services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from friesian_services.inference import encode_instances
+from friesian_services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.conftest import REPO, inference_inventory, run_fleet, write_inventory
 
 
