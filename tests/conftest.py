@@ -13,6 +13,12 @@ from tests.hostlab import HostLab
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def port_shift(base):
+    """Ports for a test's loopback stack: base plus 100 per FLEET_LAB_ID, so checkouts testing side
+    by side on one machine never bind each other's ports."""
+    return base + 100 * (int(os.environ.get("FLEET_LAB_ID") or 0) % 100)
+
+
 def planned_artifact(src, base_dir):
     """Identities for planning tests: built-in artifacts are named, never built or hashed (planning
     must not need the services package or the 107 MB Envoy wheel); files on disk are resolved."""

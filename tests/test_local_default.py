@@ -9,9 +9,9 @@ import signal
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_fleet, run_smoke
+from tests.conftest import REPO, port_shift, run_fleet, run_smoke
 
-PORT_SHIFT = 10000
+PORT_SHIFT = port_shift(10000)
 
 
 @pytest.fixture
@@ -44,6 +44,6 @@ def test_local_default_runs_the_whole_stack(local_inventory):
     smoke = run_smoke(f"127.0.0.1:{8980 + PORT_SHIFT}", "--users", "3,4", "--num", "4", "--candidates", "20",
                       "--reference")
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
-    assert "recommendations through 127.0.0.1:18980" in smoke.stdout
+    assert f"recommendations through 127.0.0.1:{8980 + PORT_SHIFT}" in smoke.stdout
     again = run_fleet("deploy", "all", "-i", local_inventory)
     assert again.returncode == 0 and "no changes" in again.stdout

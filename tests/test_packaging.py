@@ -14,11 +14,11 @@ import yaml
 
 from fleet import project
 from fleet.errors import UsageError
-from tests.conftest import REPO, planned_artifact
+from tests.conftest import REPO, planned_artifact, port_shift
 
 # Ports of the install test's stack: shifted away from the embedded default's and from
-# tests/test_local_default.py's (+10000), so neither ever meets this one.
-PORT_SHIFT = 13000
+# tests/test_local_default.py's, so neither ever meets this one.
+PORT_SHIFT = port_shift(30000)
 CHECKOUT_PARTS = ["fleet", "roles", "templates", "playbooks", "inventory", "services", "pyproject.toml", "README.md"]
 
 
