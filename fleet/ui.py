@@ -41,6 +41,8 @@ class Progress:
     def __init__(self, console, hosts):
         self.console = console
         self.rows = {h: {"step": "waiting", "ok": 0, "changed": 0, "failed": 0} for h in hosts}
+        self.changed_steps = {h: [] for h in hosts}  # labels changed or failed, for the final view
+        self.finished = False
         self.lock = threading.Lock()
         self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console)
         self.hosts_done = self.bars.add_task("hosts done", total=len(hosts))
@@ -56,6 +58,7 @@ class Progress:
 
     def __exit__(self, *exc):
         if self.live:
+            self.finished = True
             self.live.update(self._view())
             self.live.stop()
 
@@ -82,6 +85,8 @@ class Progress:
             row["step"] = f"{label} {status}" + (f": {detail}" if detail else "")
             if status in ("ok", "changed", "failed"):
                 row[status] += 1
+            if status in ("changed", "would change", "failed"):
+                self.changed_steps[host].append(Text(label, STATUS_STYLE[status]))
             if self.live:
                 self._refresh()
             else:
@@ -103,7 +108,10 @@ class Progress:
         for column in ("host", "step", "ok", "changed", "failed"):
             table.add_column(column)
         for host, row in self.rows.items():
-            table.add_row(host, Text(row["step"]), str(row["ok"]), f"[yellow]{row['changed']}[/]",
+            step = Text(row["step"])
+            if self.finished:  # what happened on the host, rather than its last step
+                step = Text(", ").join(self.changed_steps[host]) if self.changed_steps[host] else Text("no changes")
+            table.add_row(host, step, str(row["ok"]), f"[yellow]{row['changed']}[/]",
                           f"[red]{row['failed']}[/]" if row["failed"] else "0")
         return table
 

@@ -178,6 +178,23 @@ def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
     assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0  # back to the module's inventory
 
 
+def test_terminal_view_ends_with_what_changed_on_each_host(lab, inventory, tmp_path, monkeypatch):
+    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+                                             "        health_check_interval: 4s")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(changed)
+    # A terminal as rich sees one, without cursor movement: the live view's last frame only.
+    for name, value in (("TTY_COMPATIBLE", "1"), ("TTY_INTERACTIVE", "0"), ("COLUMNS", "200")):
+        monkeypatch.setenv(name, value)
+    result = run_fleet("deploy", "inference", "-i", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stdout)
+    assert re.search(r"^ h0 +inference\.envoy\.config +\d+ +1 +0 *$", text, re.M), text
+    assert re.search(r"^ h1 +no changes ", text, re.M) and re.search(r"hosts done .* 2/2", text)
+    monkeypatch.delenv("TTY_COMPATIBLE")
+    assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0  # back to the module's inventory
+
+
 def test_status_shows_processes_and_envoy_view(lab, inventory):
     result = run_fleet("status", "inference", "-i", inventory)
     assert result.returncode == 0, result.stdout + result.stderr

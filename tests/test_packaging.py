@@ -161,3 +161,21 @@ def test_fleet_never_imports_the_workload():
     workload = [m for m in modules if m.startswith("friesian_services")
                 or (m.endswith("_pb2") or m.endswith("_pb2_grpc")) and not m.startswith(("grpc_health.", "google."))]
     assert workload == []
+
+
+def test_planning_needs_neither_envoy_nor_the_services():
+    """Compiling the whole stack with artifact identities from a resolver (as the planning tests
+    do) runs with the envoy and friesian_services packages made unimportable."""
+    code = textwrap.dedent("""\
+        import sys
+        sys.modules["envoy"] = sys.modules["friesian_services"] = None  # import now raises
+        from fleet import desired, inventory
+        from tests.conftest import REPO, project
+        proj = project()
+        inv = inventory.load(REPO + "/inventory/seed.yaml", set(proj.roles))
+        states = desired.compile_services(inv, list(inv.services.values()), proj)
+        print(sorted(f.path.rsplit("/", 1)[1] for s in states.values() for f in s.files if f.content is None))
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "'envoy'" in result.stdout and "'friesian-services.pyz'" in result.stdout
