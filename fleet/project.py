@@ -13,7 +13,9 @@ from fleet.errors import UsageError
 
 KINDS = ("roles", "templates", "playbooks", "inventory")
 PROJECT_INVENTORY = "inventory.yaml"
-PLAYBOOK = os.path.join("playbooks", "deploy.yaml")
+# How the embedded default's header says where its state is (replaced in a project's copy).
+DEFAULT_STATE_NOTE = ("lives under ~/.local/state/fleet/local/,\n"
+                      "# so `fleet status` and `fleet stop` find it from any directory.")
 
 
 def builtin_dir(kind):
@@ -70,6 +72,7 @@ def init(directory):
         raise UsageError("already exists; fleet init writes a new project only", path=inventory_path)
     with open(os.path.join(builtin_dir("inventory"), "local.yaml")) as f:
         text = f.read()
+    text = text.replace(DEFAULT_STATE_NOTE, "lives under .fleet/ beside this file.")
     text = text.replace("~/.local/state/fleet/local/", ".fleet/")
     for kind in ("roles", "templates"):
         os.makedirs(os.path.join(directory, kind), exist_ok=True)

@@ -84,6 +84,7 @@ def test_installed_fleet_deploys_and_stops_a_project(installed):
     venv, empty, env = installed
     proj = empty.parent / "project"
     assert fleet(installed, "init", str(proj)).returncode == 0
+    assert "lives under .fleet/ beside this file." in (proj / "inventory.yaml").read_text()
     data = yaml.safe_load((proj / "inventory.yaml").read_text())
     assert [h["root"] for h in data["hosts"].values()] == [".fleet/node1", ".fleet/node2"]
     for service in data["services"].values():
