@@ -13,7 +13,7 @@ from importlib import metadata
 
 import argcomplete
 
-import fleet
+from fleet import __version__ as source_version
 from fleet import desired, inventory, project, report, runner, ui, validate
 from fleet.errors import UsageError
 
@@ -30,7 +30,7 @@ def version():
     try:
         return metadata.version("fleet")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return fleet.__version__
+        return source_version
 
 
 def build_parser():
