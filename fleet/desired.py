@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from fleet import artifacts, inventory as inventory_module, render
+from fleet import inventory as inventory_module, render
 from fleet.errors import UsageError
 
 _LDS_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -55,6 +55,9 @@ class Project:
     roles: dict
     playbook: tuple
     renderer: object  # render.Renderer
+    # (src, base_dir) -> artifacts.Artifact: called at the edge (it builds and hashes); planning
+    # takes only the identity it returns.
+    resolve_artifact: object
 
 
 def compile_services(inventory, services, project):
@@ -74,7 +77,7 @@ def compile_services(inventory, services, project):
                 state = states.setdefault(host_name, HostState(host=host))
                 play_vars = service.vars if play.hosts == "backends" else service.ingress.vars
                 context = role_context(inventory, service, role, host, play_vars)
-                _apply_role(state, role, service, context, project.renderer, base_dir, inventory.secrets)
+                _apply_role(state, role, service, context, project, base_dir, inventory.secrets)
     return states
 
 
@@ -96,14 +99,15 @@ def role_context(inventory, service, role, host, play_vars):
     return context
 
 
-def _apply_role(state, role, service, context, renderer, base_dir, secrets):
+def _apply_role(state, role, service, context, project, base_dir, secrets):
+    renderer = project.renderer
     where = f"roles/{role.name}/tasks.yaml"
     task_files = {}  # task name -> files a process restart depends on
     for task in role.tasks:
         label = f"{service.name}.{role.name}.{task.name}"
         args = renderer.value(task.args, context, where)
         if task.module == "upload":
-            artifact = artifacts.resolve(args["src"], base_dir)
+            artifact = project.resolve_artifact(args["src"], base_dir)
             path = _under_root(state.host.root, posixpath.join("artifacts", artifact.sha256[:16], artifact.name),
                                where, task.name)
             spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),

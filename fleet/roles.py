@@ -34,37 +34,37 @@ class Play:
     role: str  # a Jinja2 expression, e.g. "{{ service_role }}"
 
 
-def project_dir():
-    """The directory holding roles/, templates/ and playbooks/: FLEET_HOME or the source checkout."""
-    return os.environ.get("FLEET_HOME") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def load_roles(search_path):
+    """Roles by name from a search path, the project's roles/ first, then the built-in ones: a role
+    of an earlier directory replaces the built-in role of the same name (as Ansible's roles path)."""
+    found = {}
+    for roles_dir in reversed(search_path):
+        if os.path.isdir(roles_dir):
+            found.update({n: os.path.join(roles_dir, n) for n in os.listdir(roles_dir)
+                          if os.path.isdir(os.path.join(roles_dir, n))})
+    return {name: _load_role(found, name, ()) for name in sorted(found)}
 
 
-def load_roles(roles_dir):
-    if not os.path.isdir(roles_dir):
-        raise UsageError("roles directory not found (set FLEET_HOME to the fleet checkout)", path=roles_dir)
-    names = sorted(n for n in os.listdir(roles_dir) if os.path.isdir(os.path.join(roles_dir, n)))
-    return {name: _load_role(roles_dir, name, ()) for name in names}
-
-
-def _load_role(roles_dir, name, including):
+def _load_role(found, name, including):
     """A role's tasks.yaml is a task list, or `include: OTHER` to take OTHER's tasks and defaults
-    (its own defaults.yaml then adds to and overrides OTHER's)."""
+    (its own defaults.yaml then adds to and overrides OTHER's). `found`: role name -> directory."""
     if not isinstance(name, str) or not inventory.NAME.fullmatch(name):
-        where = os.path.join(roles_dir, including[-1], "tasks.yaml") if including else os.path.join(roles_dir, name)
+        where = os.path.join(found[including[-1]], "tasks.yaml") if including else found.get(name, name)
         raise UsageError(f"role name {name!r} is not a valid name ({inventory.NAME_RULE})", path=where)
     if name in including:
-        raise UsageError(f"roles include each other: {' -> '.join(including + (name,))}", path=roles_dir)
-    if not os.path.isdir(os.path.join(roles_dir, name)):
-        raise UsageError(f"no role {name!r}", path=os.path.join(roles_dir, including[-1], "tasks.yaml"))
-    defaults_path = os.path.join(roles_dir, name, "defaults.yaml")
+        raise UsageError(f"roles include each other: {' -> '.join(including + (name,))}",
+                         path=found[including[-1]])
+    if name not in found:
+        raise UsageError(f"no role {name!r}", path=os.path.join(found[including[-1]], "tasks.yaml"))
+    defaults_path = os.path.join(found[name], "defaults.yaml")
     defaults = yamlsource.load(defaults_path).data if os.path.exists(defaults_path) else {}
     if not isinstance(defaults, dict):
         raise UsageError("must be a mapping of variables", path=defaults_path)
-    source = yamlsource.load(os.path.join(roles_dir, name, "tasks.yaml"))
+    source = yamlsource.load(os.path.join(found[name], "tasks.yaml"))
     if isinstance(source.data, dict):
         if set(source.data) != {"include"}:
             raise source.error((), "a role's tasks are a list of tasks, or `include: ROLE`")
-        base = _load_role(roles_dir, source.data["include"], including + (name,))
+        base = _load_role(found, source.data["include"], including + (name,))
         return Role(name=name, defaults={**base.defaults, **defaults}, tasks=base.tasks)
     if not isinstance(source.data, list):
         raise source.error((), "must be a list of tasks")

@@ -180,6 +180,7 @@ def deploy(fleet, states, services, inventory, console):
         for outcome in outcomes.values():
             if outcome.report is not None:
                 _verify_ports(outcome, states[outcome.host], progress)
+            progress.finish(outcome.host, outcome)
     started = time.perf_counter()
     checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
     fleet.timings["check through Envoy"] = fleet.timings.get("check through Envoy", 0) + time.perf_counter() - started
@@ -273,7 +274,8 @@ def _apply(fleet, outcome, host_plan, progress):
     started = time.perf_counter()
     try:
         switch = commands.apply(host_plan, fleet.txid)
-        result = outcome.shell.run(switch.script, payload=switch.payload, on_line=on_line)
+        result = outcome.shell.run(switch.script, payload=switch.payload, on_line=on_line, on_bytes=progress.sending(
+            name, sum(host_plan.size(s) for s in host_plan.send if s.content is None)))
         outcome.shell.run(commands.forget_switch(fleet.txid))
     except connection.ConnectFailed as e:
         outcome.error = fleet.mask(str(e))

@@ -3,8 +3,10 @@ plain lines elsewhere (CI logs, pipes)."""
 
 import threading
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress as Bars, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
@@ -12,8 +14,18 @@ from rich.text import Text
 STATUS_STYLE = {"ok": "green", "changed": "yellow", "would change": "yellow", "failed": "bold red", "running": "cyan"}
 
 
-def make_console():
-    return Console(highlight=False, soft_wrap=True)
+# Without a terminal (CI logs, pipes) nothing is wrapped: tables take the width their rows need.
+UNWRAPPED_WIDTH = 1000
+# Transfers smaller than this finish too fast for a bar to tell anything.
+BYTES_BAR_MIN = 1 << 20
+
+
+def make_console(stderr=False):
+    """The operator's view; on stderr when stdout carries --json."""
+    console = Console(highlight=False, soft_wrap=True, stderr=stderr)
+    if not console.is_terminal:
+        console.width = UNWRAPPED_WIDTH
+    return console
 
 
 def error(message):
@@ -22,13 +34,21 @@ def error(message):
 
 
 class Progress:
-    """Per-host rows: the step under way, and counts of steps ok / changed / failed so far."""
+    """Per-host rows (the step under way, counts of steps ok / changed / failed so far), hosts done
+    of N, and a bar per large transfer with its rate and time left. On a terminal the view stays
+    on screen when the run ends, so which steps changed on which host remains visible."""
 
     def __init__(self, console, hosts):
         self.console = console
         self.rows = {h: {"step": "waiting", "ok": 0, "changed": 0, "failed": 0} for h in hosts}
+        self.changed_steps = {h: [] for h in hosts}  # labels changed or failed, for the final view
+        self.finished = False
         self.lock = threading.Lock()
-        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=True) \
+        self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console)
+        self.hosts_done = self.bars.add_task("hosts done", total=len(hosts))
+        self.transfers = Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                              TransferSpeedColumn(), TimeRemainingColumn(), console=console)
+        self.live = Live(self._view(), console=console, refresh_per_second=8, transient=False) \
             if console.is_terminal else None
 
     def __enter__(self):
@@ -38,7 +58,26 @@ class Progress:
 
     def __exit__(self, *exc):
         if self.live:
+            self.finished = True
+            self.live.update(self._view())
             self.live.stop()
+
+    def finish(self, host, outcome):
+        """Marks a host done; returns its outcome."""
+        with self.lock:
+            self.bars.advance(self.hosts_done)
+            self._refresh()
+        return outcome
+
+    def sending(self, host, total):
+        """A callback for bytes sent to a host (None for small transfers): advances its bar."""
+        if not self.live or total < BYTES_BAR_MIN:
+            return None
+        task = self.transfers.add_task(f"{host} sending", total=total)
+
+        def sent(count):
+            self.transfers.advance(task, count)
+        return sent
 
     def step(self, host, label, status, detail=""):
         with self.lock:
@@ -46,18 +85,33 @@ class Progress:
             row["step"] = f"{label} {status}" + (f": {detail}" if detail else "")
             if status in ("ok", "changed", "failed"):
                 row[status] += 1
+            if status in ("changed", "would change", "failed"):
+                self.changed_steps[host].append(Text(label, STATUS_STYLE[status]))
             if self.live:
-                self.live.update(self._table())
+                self._refresh()
             else:
                 self.console.print(Text.assemble(f"{host:<14} {label:<34} ", (status, STATUS_STYLE.get(status, "")),
                                                  f"  {detail}" if detail else ""))
+
+    def _refresh(self):
+        if self.live:
+            self.live.update(self._view())
+
+    def _view(self):
+        parts = [self._table(), self.bars]
+        if self.transfers.tasks:
+            parts.append(self.transfers)
+        return Group(*parts)
 
     def _table(self):
         table = Table(box=None, show_header=True, header_style="bold")
         for column in ("host", "step", "ok", "changed", "failed"):
             table.add_column(column)
         for host, row in self.rows.items():
-            table.add_row(host, Text(row["step"]), str(row["ok"]), f"[yellow]{row['changed']}[/]",
+            step = Text(row["step"])
+            if self.finished:  # what happened on the host, rather than its last step
+                step = Text(", ").join(self.changed_steps[host]) if self.changed_steps[host] else Text("no changes")
+            table.add_row(host, step, str(row["ok"]), f"[yellow]{row['changed']}[/]",
                           f"[red]{row['failed']}[/]" if row["failed"] else "0")
         return table
 
@@ -105,8 +159,9 @@ def check_report(console, plans, failures):
         console.print(Text.assemble((host, "red"), f": {reason}"))
 
 
-def status_report(console, statuses, views):
-    """Processes (dead ones first) with their ports, then Envoy's view of each service's backends."""
+def status_report(console, statuses, views, not_checked=None):
+    """Processes (dead ones first) with their ports, then Envoy's view of each service's backends;
+    not_checked: service -> why its Envoy was not asked (its host left out by --limit)."""
     table = Table(title="processes", header_style="bold")
     for column in ("host", "process", "state", "pid", "ports"):
         table.add_column(column)
@@ -135,6 +190,8 @@ def status_report(console, statuses, views):
             health = "[green]healthy[/]" if endpoint.healthy else f"[red]{endpoint.health_flags}[/]"
             envoy.add_row(endpoint.address, health, str(endpoint.rq_total))
         console.print(envoy)
+    for service, why in (not_checked or {}).items():
+        console.print(Text.assemble(("- ", "dim"), f"{service} Envoy: {why}"))
 
 
 def stop_report(console, outcomes):
@@ -144,16 +201,6 @@ def stop_report(console, outcomes):
         for label, status in outcome.steps.items():
             word = {"changed": "stopped", "ok": "was not running", "failed": "FAILED to stop"}[status]
             console.print(f"{outcome.host}: {label[5:]} {word}")
-
-
-def recommendations(console, address, users, answers):
-    table = Table(title=f"recommendations through {address}", header_style="bold")
-    for column in ("user", "rank", "item", "score"):
-        table.add_column(column, justify="right")
-    for user, answer in zip(users, answers):
-        for rank, (item, score) in enumerate(answer, 1):
-            table.add_row(str(user) if rank == 1 else "", str(rank), str(item), f"{score:.6f}")
-    console.print(table)
 
 
 def timings(console, outcomes, run_phases):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from fleet.services.proto import health_pb2, health_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -130,18 +130,3 @@ def check_through_envoy(connection, service, address, cluster, expected_backends
 
     ok, health_detail = wait_until(health, 5.0)
     return ok, f"{detail}; {health_detail}"
-
-
-class RecommendFailed(Exception):
-    pass
-
-
-def recommend(address, users, num, candidates, timeout=30.0):
-    """getRecommendIDs for the users: a list of [(item ID, score), ...], one per user."""
-    request = recommender_pb2.RecommendRequest(recommendNum=num, candidateNum=candidates, ID=users)
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = recommender_pb2_grpc.RecommenderStub(channel).getRecommendIDs(request, timeout=timeout)
-    except grpc.RpcError as e:
-        raise RecommendFailed(f"{e.code().name}: {e.details()}") from None
-    return [list(zip(answer.ID, answer.prob)) for answer in reply.IDProbList]

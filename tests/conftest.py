@@ -1,3 +1,4 @@
+import hashlib
 import os
 import subprocess
 import sys
@@ -5,16 +6,31 @@ import sys
 import pytest
 import yaml
 
-from fleet import desired, inventory, render, roles
+from fleet import artifacts, inventory
+from fleet.project import load as load_project
 from tests.hostlab import HostLab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def port_shift(base):
+    """Ports for a test's loopback stack: base plus 100 per FLEET_LAB_ID, so checkouts testing side
+    by side on one machine never bind each other's ports."""
+    return base + 100 * (int(os.environ.get("FLEET_LAB_ID") or 0) % 100)
+
+
+def planned_artifact(src, base_dir):
+    """Identities for planning tests: built-in artifacts are named, never built or hashed (planning
+    must not need the services package or the 107 MB Envoy wheel); files on disk are resolved."""
+    if src in artifacts.BUILTIN_NAMES:
+        return artifacts.Artifact(path=f"(not built) {src}", sha256=hashlib.sha256(src.encode()).hexdigest(),
+                                  name=artifacts.BUILTIN_NAMES[src])
+    return artifacts.resolve(src, base_dir)
+
+
 def project():
-    return desired.Project(roles=roles.load_roles(os.path.join(REPO, "roles")),
-                           playbook=roles.load_playbook(os.path.join(REPO, "playbooks", "deploy.yaml")),
-                           renderer=render.Renderer(os.path.join(REPO, "templates")))
+    """The built-in roles, templates and playbook, as a pure planning test sees them."""
+    return load_project(REPO, resolve_artifact=planned_artifact)
 
 
 def write_inventory(directory, data, name="inventory.yaml"):
@@ -32,6 +48,12 @@ def run_fleet(*args, timeout=300):
     """The real command line, as an operator runs it."""
     return subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+def run_smoke(address, *args, timeout=60):
+    """The stack's smoke test (beside the services, not in fleet), as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "friesian_services.smoke", address, *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture

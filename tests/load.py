@@ -6,8 +6,8 @@ from collections import Counter
 
 import grpc
 
-from fleet.services.inference import encode_instances
-from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
+from friesian_services.inference import encode_instances
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
 
 
 class Load:

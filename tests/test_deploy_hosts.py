@@ -7,10 +7,11 @@ import re
 
 import grpc
 import pytest
+import yaml
 
-from fleet.services import model
-from fleet.services.inference import encode_instances
-from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
+from friesian_services import model
+from friesian_services.inference import encode_instances
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
 from tests.conftest import inference_inventory, run_fleet, write_inventory
 
 
@@ -94,10 +95,71 @@ def test_check_shows_the_diff_and_touches_nothing(lab, inventory, tmp_path):
     cds = os.path.join(lab.host("h0").srv, "fleet", "envoy", "inference", "cds.yaml")
     before = open(cds).read()
     result = run_fleet("deploy", "inference", "--check", "-i", str(path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr  # changes pending
     assert re.search(r"^-\s+interval: 2s$", result.stdout, re.M) and re.search(r"^\+\s+interval: 3s$", result.stdout, re.M)
     assert "h1: no changes" in result.stdout
     assert open(cds).read() == before
+
+
+def test_check_without_changes_exits_0(lab, inventory):
+    result = run_fleet("deploy", "inference", "--check", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "h0: no changes" in result.stdout and "h1: no changes" in result.stdout
+
+
+def test_deploy_json_lists_every_host_and_step(lab, inventory):
+    result = run_fleet("deploy", "inference", "--json", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(result.stdout)  # stdout holds the document and nothing else
+    assert document["ok"] is True and document["exit_code"] == 0 and document["errors"] == []
+    hosts = {h["host"]: h for h in document["hosts"]}
+    assert set(hosts) == {"h0", "h1"}
+    assert [s["step"] for s in hosts["h1"]["steps"]] == [
+        "inference.inference.artifact", "inference.inference.config", "inference.inference.process"]
+    assert [s["step"] for s in hosts["h0"]["steps"]][3:] == [
+        "inference.envoy.binary", "inference.envoy.config", "inference.envoy.process"]
+    assert all(s["status"] == "ok" for h in hosts.values() for s in h["steps"])
+    assert hosts["h0"]["changes"] == {"send": [], "restarts": [], "diffs": []}
+    assert {(p["process"], p["port"], p["ok"]) for p in hosts["h0"]["ports"]} == {
+        ("inference", 7073, True), ("envoy-inference", 8083, True), ("envoy-inference", 9090, True)}
+    assert "facts" in hosts["h0"]["timings"] and "total" in document["timings"]
+    (check,) = document["checks"]
+    assert check["service"] == "inference" and check["ok"] and "2/2 backends healthy" in check["detail"]
+
+
+def test_check_json_shows_pending_changes(lab, inventory, tmp_path):
+    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+                                             "        health_check_interval: 3s")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(changed)
+    result = run_fleet("deploy", "inference", "--check", "--json", "-i", str(path))
+    assert result.returncode == 3, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    assert document["changed"] is True and document["exit_code"] == 3
+    h0 = next(h for h in document["hosts"] if h["host"] == "h0")
+    assert {s["path"].rsplit("/", 1)[1] for s in h0["changes"]["send"]} == {"cds.yaml"}
+    assert "+    interval: 3s" in h0["changes"]["diffs"][0]["diff"]
+
+
+def test_status_with_limit_does_not_report_the_left_out_ingress(lab, inventory):
+    result = run_fleet("status", "inference", "--limit", "h1", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not checked: ingress host h0 left out by --limit" in result.stdout
+    assert "not reached" not in result.stdout and "unreachable" not in result.stdout
+    document = json.loads(run_fleet("status", "inference", "--limit", "h1", "--json", "-i", inventory).stdout)
+    assert [h["host"] for h in document["hosts"]] == ["h1"] and document["ok"] is True
+    assert document["envoy"]["inference"]["not_checked"].startswith("not checked")
+
+
+def test_limit_selecting_no_host_of_the_service_is_bad_input(lab, inventory, tmp_path):
+    data = yaml.safe_load(open(inventory))
+    data["hosts"]["spare"] = dict(data["hosts"]["h1"])  # defined, but serves nothing
+    path = write_inventory(tmp_path, data)
+    for command in (["deploy", "inference"], ["status", "inference"], ["stop", "inference"]):
+        result = run_fleet(*command, "--limit", "spare", "-i", path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "--limit spare selects no host of inference (its hosts: h0, h1)" in result.stderr
+        assert result.stdout == ""
 
 
 def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
@@ -113,6 +175,23 @@ def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
     dump = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
                     "'http://127.0.0.1:9090/config_dump?resource=dynamic_active_clusters').read().decode())")
     assert '"interval": "3s"' in dump
+    assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0  # back to the module's inventory
+
+
+def test_terminal_view_ends_with_what_changed_on_each_host(lab, inventory, tmp_path, monkeypatch):
+    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+                                             "        health_check_interval: 4s")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(changed)
+    # A terminal as rich sees one, without cursor movement: the live view's last frame only.
+    for name, value in (("TTY_COMPATIBLE", "1"), ("TTY_INTERACTIVE", "0"), ("COLUMNS", "200")):
+        monkeypatch.setenv(name, value)
+    result = run_fleet("deploy", "inference", "-i", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stdout)
+    assert re.search(r"^ h0 +inference\.envoy\.config +\d+ +1 +0 *$", text, re.M), text
+    assert re.search(r"^ h1 +no changes ", text, re.M) and re.search(r"hosts done .* 2/2", text)
+    monkeypatch.delenv("TTY_COMPATIBLE")
     assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0  # back to the module's inventory
 
 
@@ -137,6 +216,16 @@ def test_limit_touches_only_the_named_host(lab, inventory):
     assert (7073, "python") in listeners(lab, "h0")
 
 
+def test_status_exits_1_when_a_backend_is_down(lab, inventory):
+    lab.exec("h1", "sh", "-c", f"kill $(cat {lab.host('h1').srv}/fleet/run/inference.pid)")
+    result = run_fleet("status", "inference", "--json", "-i", inventory)
+    assert result.returncode == 1, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    h1 = next(h for h in document["hosts"] if h["host"] == "h1")
+    assert h1["ok"] is False and h1["processes"][0]["state"] == "dead"
+    assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0
+
+
 def test_unknown_host_key_is_refused(lab, inventory, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
@@ -149,9 +238,12 @@ def test_unknown_host_key_is_refused(lab, inventory, tmp_path):
 
 
 def test_stop_stops_everything(lab, inventory):
-    result = run_fleet("stop", "inference", "-i", inventory)
+    result = run_fleet("stop", "inference", "--json", "-i", inventory)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "h0: envoy-inference stopped" in result.stdout
+    document = json.loads(result.stdout)
+    steps = {h["host"]: {s["step"]: s["status"] for s in h["steps"]} for h in document["hosts"]}
+    assert steps == {"h0": {"stop envoy-inference": "changed", "stop inference": "changed"},
+                     "h1": {"stop inference": "changed"}}
     for host in ("h0", "h1"):
         assert not {p for p, _ in listeners(lab, host)} & {7073, 8083, 9090}
     result = run_fleet("status", "inference", "-i", inventory)

@@ -8,8 +8,8 @@ import signal
 import grpc
 import pytest
 
-from fleet.services.inference import encode_instances
-from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
+from friesian_services.inference import encode_instances
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
 from tests.conftest import run_fleet, write_inventory
 
 LAB_HOSTS = 3

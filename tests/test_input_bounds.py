@@ -75,4 +75,4 @@ def test_role_files_are_bounded_too(tmp_path):
     role.mkdir(parents=True)
     (role / "tasks.yaml").write_text(laughs(6))
     with pytest.raises(UsageError, match="aliases expand"):
-        roles.load_roles(str(tmp_path / "roles"))
+        roles.load_roles([str(tmp_path / "roles")])

@@ -1,5 +1,6 @@
 """Planning is pure: desired state from the inventory, compared with reported facts."""
 
+import dataclasses
 import os
 
 import pytest
@@ -34,7 +35,7 @@ def test_seed_compiles_to_backends_and_envoy():
     assert [p.name for p in states["node110"].processes] == ["inference"]
     backend = states["node110"].processes[0]
     assert backend.ports == (7073,)
-    assert backend.command == ("python3 /opt/fleet/artifacts/{0}/fleet-services.pyz inference "
+    assert backend.command == ("python3 /opt/fleet/artifacts/{0}/friesian-services.pyz inference "
                                "-c /opt/fleet/services/inference/config.yaml").format(
         states["node110"].files[0].sha256[:16])
     envoy = states["node109"].processes[1]
@@ -138,7 +139,7 @@ def test_restart_on_must_name_an_earlier_task(tmp_path):
     bad_task = role.tasks[2].__class__(name="process", module="process",
                                        args={"name": "x", "command": "true", "restart_on": ["nope"]})
     broken = role.__class__(name="inference", defaults=role.defaults, tasks=(bad_task,))
-    proj = desired.Project(roles=dict(proj.roles, inference=broken), playbook=proj.playbook, renderer=proj.renderer)
+    proj = dataclasses.replace(proj, roles=dict(proj.roles, inference=broken))
     inv = load_inventory(SEED)
     with pytest.raises(Exception, match="restart_on names no earlier task: nope"):
         desired.compile_services(inv, [inv.service("inference")], proj)

@@ -12,11 +12,10 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from fleet.services import data, feature, inference, model, recall, recommender
-from fleet.services.kvstore import EmbeddedStore, RedisStore
-from fleet.services.proto import (feature_pb2, feature_pb2_grpc, ranking_pb2_grpc, recall_pb2, recall_pb2_grpc,
-                                  recommender_pb2, recommender_pb2_grpc)
-from tests import expected
+from friesian_services import data, feature, inference, model, recall, recommender, reference, smoke
+from friesian_services.kvstore import EmbeddedStore, RedisStore
+from friesian_services.proto import (feature_pb2, feature_pb2_grpc, ranking_pb2_grpc, recall_pb2, recall_pb2_grpc,
+                                     recommender_pb2, recommender_pb2_grpc)
 
 
 def free_port():
@@ -57,8 +56,8 @@ def stack():
     rank, rank_addr = run(lambda s: ranking_pb2_grpc.add_RankingServicer_to_server(ranking, s))
     recommender_servicer = recommender.Recommender(recall_pb2_grpc.RecallStub(rec), feature_pb2_grpc.FeatureStub(kv),
                                                    ranking_pb2_grpc.RankingStub(rank), batch_size=7, parallelism=3)
-    top, _ = run(lambda s: recommender_pb2_grpc.add_RecommenderServicer_to_server(recommender_servicer, s))
-    yield {"kv": kv, "tower": tower, "recall": rec, "recommender": top}
+    top, top_addr = run(lambda s: recommender_pb2_grpc.add_RecommenderServicer_to_server(recommender_servicer, s))
+    yield {"kv": kv, "tower": tower, "recall": rec, "recommender": top, "recommender_address": top_addr}
     for server in servers:
         server.stop(None)
 
@@ -114,9 +113,24 @@ def test_recommendations_equal_the_direct_computation(stack):
     reply = stub.getRecommendIDs(recommender_pb2.RecommendRequest(recommendNum=6, candidateNum=40, ID=[2, 8, 150]))
     assert len(reply.IDProbList) == 3
     for user, answer in zip([2, 8, 150], reply.IDProbList):
-        expected.assert_matches(list(zip(answer.ID, answer.prob)), expected.recommendations(user, 6, 40))
+        assert reference.matches(list(zip(answer.ID, answer.prob)), reference.recommendations(user, 6, 40))
     metrics = json.loads(stub.getClientMetrics(empty_pb2.Empty()).str)
     assert {m["name"] for m in metrics} >= {"recall.searchCandidates", "ranking.doPredict"}
+
+
+def test_smoke_script_asks_the_recommender_and_checks_the_reference(stack, capsys):
+    address = stack["recommender_address"]
+    assert smoke.main([address, "--users", "2,8", "--num", "4", "--candidates", "20", "--reference"]) == 0
+    out = capsys.readouterr().out
+    assert f"recommendations through {address}" in out
+    assert len([line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]) == 8
+    first = reference.recommendations(2, 4, 20)[0][0]
+    assert f"     2    1 {first:>8}" in out
+
+
+def test_smoke_script_fails_when_nothing_answers(capsys):
+    assert smoke.main([f"127.0.0.1:{free_port()}", "--users", "1"]) == 1
+    assert "getRecommendIDs through" in capsys.readouterr().err
 
 
 def test_candidate_num_below_recommend_num_is_failed_precondition(stack):

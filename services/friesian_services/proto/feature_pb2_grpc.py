@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleet.services.proto import recall_pb2 as fleet_dot_services_dot_proto_dot_recall__pb2
+from friesian_services.proto import feature_pb2 as friesian__services_dot_proto_dot_feature__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleet/services/proto/recall_pb2_grpc.py depends on'
+        + ' but the generated code in friesian_services/proto/feature_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class RecallStub:
+class FeatureStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,38 +35,38 @@ class RecallStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.searchCandidates = channel.unary_unary(
-                '/recall.Recall/searchCandidates',
-                request_serializer=fleet_dot_services_dot_proto_dot_recall__pb2.Query.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_recall__pb2.Candidates.FromString,
+        self.getUserFeatures = channel.unary_unary(
+                '/feature.Feature/getUserFeatures',
+                request_serializer=friesian__services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
+                response_deserializer=friesian__services_dot_proto_dot_feature__pb2.Features.FromString,
                 _registered_method=True)
-        self.addItem = channel.unary_unary(
-                '/recall.Recall/addItem',
-                request_serializer=fleet_dot_services_dot_proto_dot_recall__pb2.Item.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+        self.getItemFeatures = channel.unary_unary(
+                '/feature.Feature/getItemFeatures',
+                request_serializer=friesian__services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
+                response_deserializer=friesian__services_dot_proto_dot_feature__pb2.Features.FromString,
                 _registered_method=True)
         self.getMetrics = channel.unary_unary(
-                '/recall.Recall/getMetrics',
+                '/feature.Feature/getMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_recall__pb2.ServerMessage.FromString,
+                response_deserializer=friesian__services_dot_proto_dot_feature__pb2.ServerMessage.FromString,
                 _registered_method=True)
         self.resetMetrics = channel.unary_unary(
-                '/recall.Recall/resetMetrics',
+                '/feature.Feature/resetMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
 
 
-class RecallServicer:
+class FeatureServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def searchCandidates(self, request, context):
+    def getUserFeatures(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def addItem(self, request, context):
+    def getItemFeatures(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,22 +85,22 @@ class RecallServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_RecallServicer_to_server(servicer, server):
+def add_FeatureServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'searchCandidates': grpc.unary_unary_rpc_method_handler(
-                    servicer.searchCandidates,
-                    request_deserializer=fleet_dot_services_dot_proto_dot_recall__pb2.Query.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_recall__pb2.Candidates.SerializeToString,
+            'getUserFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.getUserFeatures,
+                    request_deserializer=friesian__services_dot_proto_dot_feature__pb2.IDs.FromString,
+                    response_serializer=friesian__services_dot_proto_dot_feature__pb2.Features.SerializeToString,
             ),
-            'addItem': grpc.unary_unary_rpc_method_handler(
-                    servicer.addItem,
-                    request_deserializer=fleet_dot_services_dot_proto_dot_recall__pb2.Item.FromString,
-                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            'getItemFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.getItemFeatures,
+                    request_deserializer=friesian__services_dot_proto_dot_feature__pb2.IDs.FromString,
+                    response_serializer=friesian__services_dot_proto_dot_feature__pb2.Features.SerializeToString,
             ),
             'getMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.getMetrics,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_recall__pb2.ServerMessage.SerializeToString,
+                    response_serializer=friesian__services_dot_proto_dot_feature__pb2.ServerMessage.SerializeToString,
             ),
             'resetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.resetMetrics,
@@ -109,17 +109,17 @@ def add_RecallServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'recall.Recall', rpc_method_handlers)
+            'feature.Feature', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('recall.Recall', rpc_method_handlers)
+    server.add_registered_method_handlers('feature.Feature', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Recall:
+class Feature:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def searchCandidates(request,
+    def getUserFeatures(request,
             target,
             options=(),
             channel_credentials=None,
@@ -132,9 +132,9 @@ class Recall:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recall.Recall/searchCandidates',
-            fleet_dot_services_dot_proto_dot_recall__pb2.Query.SerializeToString,
-            fleet_dot_services_dot_proto_dot_recall__pb2.Candidates.FromString,
+            '/feature.Feature/getUserFeatures',
+            friesian__services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
+            friesian__services_dot_proto_dot_feature__pb2.Features.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,7 +146,7 @@ class Recall:
             _registered_method=True)
 
     @staticmethod
-    def addItem(request,
+    def getItemFeatures(request,
             target,
             options=(),
             channel_credentials=None,
@@ -159,9 +159,9 @@ class Recall:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recall.Recall/addItem',
-            fleet_dot_services_dot_proto_dot_recall__pb2.Item.SerializeToString,
-            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            '/feature.Feature/getItemFeatures',
+            friesian__services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
+            friesian__services_dot_proto_dot_feature__pb2.Features.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,9 +186,9 @@ class Recall:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recall.Recall/getMetrics',
+            '/feature.Feature/getMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-            fleet_dot_services_dot_proto_dot_recall__pb2.ServerMessage.FromString,
+            friesian__services_dot_proto_dot_feature__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,7 +213,7 @@ class Recall:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recall.Recall/resetMetrics',
+            '/feature.Feature/resetMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,

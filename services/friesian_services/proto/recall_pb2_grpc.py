@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleet.services.proto import ranking_pb2 as fleet_dot_services_dot_proto_dot_ranking__pb2
+from friesian_services.proto import recall_pb2 as friesian__services_dot_proto_dot_recall__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleet/services/proto/ranking_pb2_grpc.py depends on'
+        + ' but the generated code in friesian_services/proto/recall_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class RankingStub:
+class RecallStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,27 +35,38 @@ class RankingStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.doPredict = channel.unary_unary(
-                '/ranking.Ranking/doPredict',
-                request_serializer=fleet_dot_services_dot_proto_dot_ranking__pb2.Content.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_ranking__pb2.Prediction.FromString,
+        self.searchCandidates = channel.unary_unary(
+                '/recall.Recall/searchCandidates',
+                request_serializer=friesian__services_dot_proto_dot_recall__pb2.Query.SerializeToString,
+                response_deserializer=friesian__services_dot_proto_dot_recall__pb2.Candidates.FromString,
+                _registered_method=True)
+        self.addItem = channel.unary_unary(
+                '/recall.Recall/addItem',
+                request_serializer=friesian__services_dot_proto_dot_recall__pb2.Item.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.getMetrics = channel.unary_unary(
-                '/ranking.Ranking/getMetrics',
+                '/recall.Recall/getMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_ranking__pb2.ServerMessage.FromString,
+                response_deserializer=friesian__services_dot_proto_dot_recall__pb2.ServerMessage.FromString,
                 _registered_method=True)
         self.resetMetrics = channel.unary_unary(
-                '/ranking.Ranking/resetMetrics',
+                '/recall.Recall/resetMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
 
 
-class RankingServicer:
+class RecallServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def doPredict(self, request, context):
+    def searchCandidates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def addItem(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,17 +85,22 @@ class RankingServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_RankingServicer_to_server(servicer, server):
+def add_RecallServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'doPredict': grpc.unary_unary_rpc_method_handler(
-                    servicer.doPredict,
-                    request_deserializer=fleet_dot_services_dot_proto_dot_ranking__pb2.Content.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_ranking__pb2.Prediction.SerializeToString,
+            'searchCandidates': grpc.unary_unary_rpc_method_handler(
+                    servicer.searchCandidates,
+                    request_deserializer=friesian__services_dot_proto_dot_recall__pb2.Query.FromString,
+                    response_serializer=friesian__services_dot_proto_dot_recall__pb2.Candidates.SerializeToString,
+            ),
+            'addItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.addItem,
+                    request_deserializer=friesian__services_dot_proto_dot_recall__pb2.Item.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'getMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.getMetrics,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_ranking__pb2.ServerMessage.SerializeToString,
+                    response_serializer=friesian__services_dot_proto_dot_recall__pb2.ServerMessage.SerializeToString,
             ),
             'resetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.resetMetrics,
@@ -93,17 +109,17 @@ def add_RankingServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ranking.Ranking', rpc_method_handlers)
+            'recall.Recall', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ranking.Ranking', rpc_method_handlers)
+    server.add_registered_method_handlers('recall.Recall', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Ranking:
+class Recall:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def doPredict(request,
+    def searchCandidates(request,
             target,
             options=(),
             channel_credentials=None,
@@ -116,9 +132,36 @@ class Ranking:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ranking.Ranking/doPredict',
-            fleet_dot_services_dot_proto_dot_ranking__pb2.Content.SerializeToString,
-            fleet_dot_services_dot_proto_dot_ranking__pb2.Prediction.FromString,
+            '/recall.Recall/searchCandidates',
+            friesian__services_dot_proto_dot_recall__pb2.Query.SerializeToString,
+            friesian__services_dot_proto_dot_recall__pb2.Candidates.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def addItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recall.Recall/addItem',
+            friesian__services_dot_proto_dot_recall__pb2.Item.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,9 +186,9 @@ class Ranking:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ranking.Ranking/getMetrics',
+            '/recall.Recall/getMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-            fleet_dot_services_dot_proto_dot_ranking__pb2.ServerMessage.FromString,
+            friesian__services_dot_proto_dot_recall__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,7 +213,7 @@ class Ranking:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ranking.Ranking/resetMetrics',
+            '/recall.Recall/resetMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,

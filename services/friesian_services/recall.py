@@ -9,10 +9,10 @@ import threading
 import grpc
 from google.protobuf import empty_pb2
 
-from fleet.services import data
-from fleet.services.feature import decode_row
-from fleet.services.proto import feature_pb2, feature_pb2_grpc, recall_pb2, recall_pb2_grpc
-from fleet.services.server import Metered, serve
+from friesian_services import data
+from friesian_services.feature import decode_row
+from friesian_services.proto import feature_pb2, feature_pb2_grpc, recall_pb2, recall_pb2_grpc
+from friesian_services.server import Metered, serve
 
 SERVICE_NAME = "recall.Recall"
 DOWNSTREAM_TIMEOUT = 10

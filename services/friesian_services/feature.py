@@ -9,10 +9,10 @@ import json
 
 import grpc
 
-from fleet.services import data
-from fleet.services.kvstore import RedisError, open_store, redacted
-from fleet.services.proto import feature_pb2, feature_pb2_grpc
-from fleet.services.server import Metered, serve
+from friesian_services import data
+from friesian_services.kvstore import RedisError, open_store, redacted
+from friesian_services.proto import feature_pb2, feature_pb2_grpc
+from friesian_services.server import Metered, serve
 
 SERVICE_NAME = "feature.Feature"
 SERVICE_TYPES = ("kv", "inference")

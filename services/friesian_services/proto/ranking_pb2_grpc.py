@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleet.services.proto import recommender_pb2 as fleet_dot_services_dot_proto_dot_recommender__pb2
+from friesian_services.proto import ranking_pb2 as friesian__services_dot_proto_dot_ranking__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleet/services/proto/recommender_pb2_grpc.py depends on'
+        + ' but the generated code in friesian_services/proto/ranking_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class RecommenderStub:
+class RankingStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,32 +35,27 @@ class RecommenderStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.getRecommendIDs = channel.unary_unary(
-                '/recommender.Recommender/getRecommendIDs',
-                request_serializer=fleet_dot_services_dot_proto_dot_recommender__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_recommender__pb2.RecommendIDProbs.FromString,
+        self.doPredict = channel.unary_unary(
+                '/ranking.Ranking/doPredict',
+                request_serializer=friesian__services_dot_proto_dot_ranking__pb2.Content.SerializeToString,
+                response_deserializer=friesian__services_dot_proto_dot_ranking__pb2.Prediction.FromString,
                 _registered_method=True)
         self.getMetrics = channel.unary_unary(
-                '/recommender.Recommender/getMetrics',
+                '/ranking.Ranking/getMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
+                response_deserializer=friesian__services_dot_proto_dot_ranking__pb2.ServerMessage.FromString,
                 _registered_method=True)
         self.resetMetrics = channel.unary_unary(
-                '/recommender.Recommender/resetMetrics',
+                '/ranking.Ranking/resetMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
-        self.getClientMetrics = channel.unary_unary(
-                '/recommender.Recommender/getClientMetrics',
-                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
-                _registered_method=True)
 
 
-class RecommenderServicer:
+class RankingServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def getRecommendIDs(self, request, context):
+    def doPredict(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,48 +73,37 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def getClientMetrics(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
-
-def add_RecommenderServicer_to_server(servicer, server):
+def add_RankingServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'getRecommendIDs': grpc.unary_unary_rpc_method_handler(
-                    servicer.getRecommendIDs,
-                    request_deserializer=fleet_dot_services_dot_proto_dot_recommender__pb2.RecommendRequest.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_recommender__pb2.RecommendIDProbs.SerializeToString,
+            'doPredict': grpc.unary_unary_rpc_method_handler(
+                    servicer.doPredict,
+                    request_deserializer=friesian__services_dot_proto_dot_ranking__pb2.Content.FromString,
+                    response_serializer=friesian__services_dot_proto_dot_ranking__pb2.Prediction.SerializeToString,
             ),
             'getMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.getMetrics,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_recommender__pb2.ServerMessage.SerializeToString,
+                    response_serializer=friesian__services_dot_proto_dot_ranking__pb2.ServerMessage.SerializeToString,
             ),
             'resetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.resetMetrics,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
-            'getClientMetrics': grpc.unary_unary_rpc_method_handler(
-                    servicer.getClientMetrics,
-                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_recommender__pb2.ServerMessage.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'recommender.Recommender', rpc_method_handlers)
+            'ranking.Ranking', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('recommender.Recommender', rpc_method_handlers)
+    server.add_registered_method_handlers('ranking.Ranking', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Recommender:
+class Ranking:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def getRecommendIDs(request,
+    def doPredict(request,
             target,
             options=(),
             channel_credentials=None,
@@ -132,9 +116,9 @@ class Recommender:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recommender.Recommender/getRecommendIDs',
-            fleet_dot_services_dot_proto_dot_recommender__pb2.RecommendRequest.SerializeToString,
-            fleet_dot_services_dot_proto_dot_recommender__pb2.RecommendIDProbs.FromString,
+            '/ranking.Ranking/doPredict',
+            friesian__services_dot_proto_dot_ranking__pb2.Content.SerializeToString,
+            friesian__services_dot_proto_dot_ranking__pb2.Prediction.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,9 +143,9 @@ class Recommender:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recommender.Recommender/getMetrics',
+            '/ranking.Ranking/getMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-            fleet_dot_services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
+            friesian__services_dot_proto_dot_ranking__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,36 +170,9 @@ class Recommender:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/recommender.Recommender/resetMetrics',
+            '/ranking.Ranking/resetMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def getClientMetrics(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/recommender.Recommender/getClientMetrics',
-            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-            fleet_dot_services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
-"""The inference service as hosts run it: the built zipapp, a real gRPC server and client."""
+"""The inference service as a host runs it (`python -m friesian_services inference -c CONFIG`): a real
+gRPC server in its own process, and a real client."""
 
 import json
 import socket
@@ -8,11 +9,13 @@ import sys
 import grpc
 import pytest
 from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fleet import artifacts
-from fleet.services import model
-from fleet.services.inference import encode_instances
-from fleet.services.proto import health_pb2, health_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from friesian_services import model
+from friesian_services.inference import encode_instances
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
+
+SERVICE = [sys.executable, "-m", "friesian_services"]
 
 
 def free_port():
@@ -26,8 +29,7 @@ def server(tmp_path_factory):
     port = free_port()
     config = tmp_path_factory.mktemp("inference") / "config.yaml"
     config.write_text(f"servicePort: {port}\nbindAddress: 127.0.0.1\nmodelParallelism: 2\n")
-    artifact = artifacts.resolve("builtin:services", ".")
-    proc = subprocess.Popen([sys.executable, artifact.path, "inference", "-c", str(config)],
+    proc = subprocess.Popen([*SERVICE, "inference", "-c", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -84,11 +86,6 @@ def test_a_taken_port_fails_to_start(server, tmp_path):
     _, port = server
     config = tmp_path / "config.yaml"
     config.write_text(f"servicePort: {port}\nbindAddress: 127.0.0.1\n")
-    artifact = artifacts.resolve("builtin:services", ".")
-    proc = subprocess.run([sys.executable, artifact.path, "inference", "-c", str(config)], capture_output=True,
+    proc = subprocess.run([*SERVICE, "inference", "-c", str(config)], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
-
-
-def test_artifact_is_reproducible():
-    assert artifacts.build_services_zip() == artifacts.build_services_zip()

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleet.services.proto import feature_pb2 as fleet_dot_services_dot_proto_dot_feature__pb2
+from friesian_services.proto import recommender_pb2 as friesian__services_dot_proto_dot_recommender__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleet/services/proto/feature_pb2_grpc.py depends on'
+        + ' but the generated code in friesian_services/proto/recommender_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class FeatureStub:
+class RecommenderStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,38 +35,32 @@ class FeatureStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.getUserFeatures = channel.unary_unary(
-                '/feature.Feature/getUserFeatures',
-                request_serializer=fleet_dot_services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_feature__pb2.Features.FromString,
-                _registered_method=True)
-        self.getItemFeatures = channel.unary_unary(
-                '/feature.Feature/getItemFeatures',
-                request_serializer=fleet_dot_services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_feature__pb2.Features.FromString,
+        self.getRecommendIDs = channel.unary_unary(
+                '/recommender.Recommender/getRecommendIDs',
+                request_serializer=friesian__services_dot_proto_dot_recommender__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=friesian__services_dot_proto_dot_recommender__pb2.RecommendIDProbs.FromString,
                 _registered_method=True)
         self.getMetrics = channel.unary_unary(
-                '/feature.Feature/getMetrics',
+                '/recommender.Recommender/getMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-                response_deserializer=fleet_dot_services_dot_proto_dot_feature__pb2.ServerMessage.FromString,
+                response_deserializer=friesian__services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
                 _registered_method=True)
         self.resetMetrics = channel.unary_unary(
-                '/feature.Feature/resetMetrics',
+                '/recommender.Recommender/resetMetrics',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.getClientMetrics = channel.unary_unary(
+                '/recommender.Recommender/getClientMetrics',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=friesian__services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
+                _registered_method=True)
 
 
-class FeatureServicer:
+class RecommenderServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def getUserFeatures(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def getItemFeatures(self, request, context):
+    def getRecommendIDs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,42 +78,48 @@ class FeatureServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def getClientMetrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_FeatureServicer_to_server(servicer, server):
+
+def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'getUserFeatures': grpc.unary_unary_rpc_method_handler(
-                    servicer.getUserFeatures,
-                    request_deserializer=fleet_dot_services_dot_proto_dot_feature__pb2.IDs.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_feature__pb2.Features.SerializeToString,
-            ),
-            'getItemFeatures': grpc.unary_unary_rpc_method_handler(
-                    servicer.getItemFeatures,
-                    request_deserializer=fleet_dot_services_dot_proto_dot_feature__pb2.IDs.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_feature__pb2.Features.SerializeToString,
+            'getRecommendIDs': grpc.unary_unary_rpc_method_handler(
+                    servicer.getRecommendIDs,
+                    request_deserializer=friesian__services_dot_proto_dot_recommender__pb2.RecommendRequest.FromString,
+                    response_serializer=friesian__services_dot_proto_dot_recommender__pb2.RecommendIDProbs.SerializeToString,
             ),
             'getMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.getMetrics,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
-                    response_serializer=fleet_dot_services_dot_proto_dot_feature__pb2.ServerMessage.SerializeToString,
+                    response_serializer=friesian__services_dot_proto_dot_recommender__pb2.ServerMessage.SerializeToString,
             ),
             'resetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.resetMetrics,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
+            'getClientMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.getClientMetrics,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=friesian__services_dot_proto_dot_recommender__pb2.ServerMessage.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'feature.Feature', rpc_method_handlers)
+            'recommender.Recommender', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('feature.Feature', rpc_method_handlers)
+    server.add_registered_method_handlers('recommender.Recommender', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Feature:
+class Recommender:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def getUserFeatures(request,
+    def getRecommendIDs(request,
             target,
             options=(),
             channel_credentials=None,
@@ -132,36 +132,9 @@ class Feature:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/feature.Feature/getUserFeatures',
-            fleet_dot_services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
-            fleet_dot_services_dot_proto_dot_feature__pb2.Features.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def getItemFeatures(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/feature.Feature/getItemFeatures',
-            fleet_dot_services_dot_proto_dot_feature__pb2.IDs.SerializeToString,
-            fleet_dot_services_dot_proto_dot_feature__pb2.Features.FromString,
+            '/recommender.Recommender/getRecommendIDs',
+            friesian__services_dot_proto_dot_recommender__pb2.RecommendRequest.SerializeToString,
+            friesian__services_dot_proto_dot_recommender__pb2.RecommendIDProbs.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,9 +159,9 @@ class Feature:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/feature.Feature/getMetrics',
+            '/recommender.Recommender/getMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
-            fleet_dot_services_dot_proto_dot_feature__pb2.ServerMessage.FromString,
+            friesian__services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,9 +186,36 @@ class Feature:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/feature.Feature/resetMetrics',
+            '/recommender.Recommender/resetMetrics',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def getClientMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recommender.Recommender/getClientMetrics',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            friesian__services_dot_proto_dot_recommender__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,9 +10,9 @@ import json
 
 import grpc
 
-from fleet.services import model
-from fleet.services.proto import ranking_pb2, ranking_pb2_grpc
-from fleet.services.server import Metered, serve
+from friesian_services import model
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
+from friesian_services.server import Metered, serve
 
 SERVICE_NAME = "ranking.Ranking"
 

@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from fleet.services.feature import decode_row
-from fleet.services.inference import encode_instances
-from fleet.services.proto import (feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc, recall_pb2,
+from friesian_services.feature import decode_row
+from friesian_services.inference import encode_instances
+from friesian_services.proto import (feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc, recall_pb2,
                                   recall_pb2_grpc, recommender_pb2, recommender_pb2_grpc)
-from fleet.services.server import Metered, Timers, serve
+from friesian_services.server import Metered, Timers, serve
 
 SERVICE_NAME = "recommender.Recommender"
 DOWNSTREAM_TIMEOUT = 10

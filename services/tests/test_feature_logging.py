@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from fleet.services.kvstore import redacted
+from friesian_services.kvstore import redacted
 from tests.conftest import REPO
 
 
@@ -31,7 +31,7 @@ def test_unreachable_redis_is_reported_without_its_password(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"servicePort": closed_loopback_port(), "bindAddress": "127.0.0.1",
                                       "redisUrl": f"redis://:TopSecret-PW-2@127.0.0.1:{closed_loopback_port()}"}))
-    proc = subprocess.run([sys.executable, "-m", "fleet.services", "feature", "-c", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "friesian_services", "feature", "-c", str(config)],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode != 0
     assert "feature store redis://:***@127.0.0.1:" in proc.stderr

@@ -10,7 +10,7 @@ import grpc
 import yaml
 from google.protobuf import empty_pb2
 
-from fleet.services.proto import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 
 def load_config(path):
@@ -75,16 +75,12 @@ class _Timing:
         self.timers.record(self.name, time.perf_counter() - self.start)
 
 
-class Health(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: SERVING for "" and for the service's own full name once it is up."""
-
-    def __init__(self, service_names):
-        self._serving = {""} | set(service_names)
-
-    def Check(self, request, context):
-        if request.service not in self._serving:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+def _health(service_names):
+    """grpc.health.v1 (the standard servicer): SERVING for "" and the service's own full names."""
+    servicer = health.HealthServicer()
+    for name in ("", *service_names):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
 
 
 def serve(config, register, service_names):
@@ -95,7 +91,7 @@ def serve(config, register, service_names):
     # so_reuseport off: a second instance on a taken port must fail, not silently share it.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
     register(server)
-    health_pb2_grpc.add_HealthServicer_to_server(Health(service_names), server)
+    health_pb2_grpc.add_HealthServicer_to_server(_health(service_names), server)
     try:
         server.add_insecure_port(address)
     except RuntimeError as e:

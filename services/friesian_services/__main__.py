@@ -2,15 +2,15 @@
 
 import argparse
 
-from fleet.services import feature, inference, recall, recommender
-from fleet.services.server import load_config
+from friesian_services import feature, inference, recall, recommender
+from friesian_services.server import load_config
 
 SERVICES = {"inference": inference.main, "feature": feature.main, "recall": recall.main,
             "recommender": recommender.main}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fleet-services")
+    parser = argparse.ArgumentParser(prog="friesian-services")
     parser.add_argument("service", choices=sorted(SERVICES))
     parser.add_argument("-c", "--config", required=True, help="the service's YAML config")
     args = parser.parse_args(argv)

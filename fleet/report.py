@@ -1,0 +1,63 @@
+"""The machine-readable view (`--json`): one JSON document per command, built from the same
+outcomes the terminal view shows. Pure."""
+
+import json
+
+
+def _ports(checks):
+    return [{"process": c.process, "port": c.port, "ok": c.ok, "detail": c.detail} for c in checks]
+
+
+def _changes(host_plan):
+    if host_plan is None:
+        return None
+    return {
+        "send": [{"path": s.path, "task": s.task, "what": "update" if s.content is not None else "upload"}
+                 for s in host_plan.send],
+        "restarts": [{"process": p.name, "reason": host_plan.reasons[p.name]} for p in host_plan.restarts],
+        "diffs": [{"path": path, "diff": diff} for path, diff in host_plan.diffs if diff],
+    }
+
+
+def host_outcome(outcome, wave=None, services=()):
+    """A runner.HostOutcome of deploy or stop."""
+    doc = {"host": outcome.host, "ok": outcome.ok, "error": outcome.error,
+           "steps": [{"step": label, "status": status} for label, status in outcome.steps.items()],
+           "changes": _changes(outcome.plan), "ports": _ports(outcome.ports),
+           "rolled_back": list(outcome.rolled_back), "logs": dict(outcome.logs),
+           "timings": {phase: round(seconds, 3) for phase, seconds in outcome.timings.items()}}
+    if wave is not None:
+        doc.update(wave=wave, services=list(services))
+    return doc
+
+
+def check(service, ok, detail, wave=None):
+    doc = {"service": service, "ok": ok, "detail": detail}
+    if wave is not None:
+        doc["wave"] = wave
+    return doc
+
+
+def status_host(status):
+    """A runner.HostStatus."""
+    processes = []
+    for name, proc in status.procs.items():
+        alive = proc is not None and proc.alive
+        processes.append({"name": name, "state": "running" if alive else "dead" if proc and proc.pid else "not started",
+                          "pid": proc.pid if alive else None,
+                          "ports": _ports([c for c in status.ports if c.process == name])})
+    return {"host": status.host, "ok": status.error is None and all(c.ok for c in status.ports),
+            "error": status.error, "processes": processes}
+
+
+def envoy_view(view):
+    """A service's Envoy endpoints, or the one-line reason there are none (verify.Endpoint list or str)."""
+    if isinstance(view, str):
+        return {"ok": False, "error": view, "endpoints": []}
+    endpoints = [{"address": e.address, "healthy": e.healthy, "health_flags": e.health_flags,
+                  "requests": e.rq_total} for e in view]
+    return {"ok": all(e["healthy"] for e in endpoints), "error": None, "endpoints": endpoints}
+
+
+def dumps(document):
+    return json.dumps(document, indent=2, sort_keys=False)
