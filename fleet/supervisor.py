@@ -161,6 +161,7 @@ class RotatingLog:
 
     def _rotate(self):
         os.close(self.fd)
+        self.fd = None
         for i in range(self.keep - 1, 0, -1):
             if os.path.exists(f"{self.path}.{i}"):
                 os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
@@ -171,14 +172,20 @@ class RotatingLog:
         self._open()
 
     def write(self, data):
-        while data:
-            room = self.max_bytes - self.size
-            if room <= 0:
-                self._rotate()
-                continue
-            part, data = data[:room], data[room:]
-            os.write(self.fd, part)
-            self.size += len(part)
+        """Drops what cannot be written (a full disk): the service must not die of its log."""
+        try:
+            if self.fd is None:  # a rotation that failed half-way: try again with a fresh file
+                self._open()
+            while data:
+                room = self.max_bytes - self.size
+                if room <= 0:
+                    self._rotate()
+                    continue
+                part, data = data[:room], data[room:]
+                os.write(self.fd, part)
+                self.size += len(part)
+        except OSError:
+            pass
 
     def event(self, text):
         self.write(f"== {utc_now()} supervisor: {text}\n".encode())
@@ -342,7 +349,8 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Caught, not ignored: an ignored signal would stay ignored in the child across exec.
+        signal.signal(signal.SIGHUP, lambda *_: None)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd hears it
         write_atomic(self.paths.sup, f"{os.getpid()}\n")
         self.log.event(f"supervising {self.paths.name}: {shlex.join(self.command)}")
