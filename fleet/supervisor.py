@@ -533,7 +533,8 @@ def parser():
         p.add_argument("name")
         if action == "status":
             continue
-        p.add_argument("--grace", type=positive, default=10.0, help="seconds between SIGTERM and SIGKILL")
+        p.add_argument("--grace", type=positive, default=15.0,
+                       help="seconds between SIGTERM and SIGKILL (a service drains, then finishes calls)")
         if action == "stop":
             continue
         p.add_argument("--backoff-min", type=positive, default=1.0)

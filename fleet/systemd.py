@@ -84,7 +84,7 @@ def _seconds(value, what):
     return f"{value:g}"
 
 
-def render_unit(root, name, command, *, user=None, grace=10, restart_sec=5, environment=None):
+def render_unit(root, name, command, *, user=None, grace=15, restart_sec=5, environment=None):
     """The text of the unit that runs `command` (a list: executable and arguments) as process
     NAME of the fleet root ROOT."""
     unit_name(root, name)
