@@ -205,68 +205,106 @@ class Load:
             thread.join(timeout=60)
 
 
-def envoy_config(tmp_path, port, ingress, admin):
-    """The static config fleet renders (real templates) for a service on two loopback hosts."""
-    inventory = {
-        "defaults": {"connection": "local", "vars": {"bindAddress": "{{ host.address }}"}},
-        "hosts": {"node1": {"address": "127.0.0.2", "root": str(tmp_path / "node1")},
-                  "node2": {"address": "127.0.0.3", "root": str(tmp_path / "node2")}},
-        "services": {"inference": {"port": port, "backends": ["node1", "node2"],
-                                   "ingress": {"host": "node1", "port": ingress, "admin_port": admin,
-                                               "listen_address": "127.0.0.1"}}},
-    }
-    inv = load_inventory(write_inventory(tmp_path, inventory))
-    states = desired.compile_services(inv, list(inv.services.values()), project())
-    (text,) = [text for state in states.values() for _, text in state.envoy_validations]
-    path = tmp_path / "envoy.yaml"
-    path.write_text(text)
-    return str(path)
+class Envoy:
+    """A real Envoy running the static config fleet renders (real templates) for a service whose
+    backends are loopback hosts (node1 127.0.0.2, node2 127.0.0.3)."""
+
+    def __init__(self, tmp_path, port, backends):
+        self.port, self.admin = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        hosts = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
+        inventory = {
+            "defaults": {"connection": "local", "vars": {"bindAddress": "{{ host.address }}"}},
+            "hosts": {name: {"address": hosts[name], "root": str(tmp_path / name)} for name in backends},
+            "services": {"inference": {"port": port, "backends": list(backends),
+                                       "ingress": {"host": backends[0], "port": self.port, "admin_port": self.admin,
+                                                   "listen_address": "127.0.0.1"}}},
+        }
+        inv = load_inventory(write_inventory(tmp_path, inventory))
+        states = desired.compile_services(inv, list(inv.services.values()), project())
+        (text,) = [text for state in states.values() for _, text in state.envoy_validations]
+        config, self.log = tmp_path / "envoy.yaml", tmp_path / "envoy.log"
+        config.write_text(text)
+        binary = artifacts.resolve("builtin:envoy", ".").path
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([binary, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_answering(self, timeout=30):
+        """Until a round of calls through Envoy is answered (every backend healthy)."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as probe:
+            while True:
+                assert self.proc.poll() is None, self.log.read_text()
+                try:
+                    if all(probe.unary_unary("/test.Slow/Sleep")(b"0", timeout=2) == b"done:0" for _ in range(4)):
+                        return
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "Envoy never answered"
+                time.sleep(0.2)
+
+    def retries(self):
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy
+        with direct.open(f"http://127.0.0.1:{self.admin}/stats?filter=inference_service.upstream_rq_retry$",
+                         timeout=10) as stats:
+            name, value = stats.read().decode().split()
+        assert name == "cluster.inference_service.upstream_rq_retry:"
+        return int(value)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
-def test_sigterm_behind_envoy_under_load_fails_no_call(instances, tmp_path):
+@pytest.fixture
+def envoy(tmp_path):
+    started = []
+
+    def start(port, backends):
+        front = Envoy(tmp_path, port, backends)
+        started.append(front)
+        return front
+
+    yield start
+    for front in started:
+        front.close()
+
+
+@pytest.fixture
+def load():
+    started = []
+
+    def start(address):
+        clients = Load(address)
+        started.append(clients)
+        return clients
+
+    yield start
+    for clients in started:
+        clients.stop()
+
+
+def test_sigterm_behind_envoy_under_load_fails_no_call(instances, envoy, load):
     """The default drain covers Envoy's health checks: a backend stopped while 4 clients call
     through Envoy costs them nothing, and needs no retry."""
-    port, ingress, admin = free_port("127.0.0.2", "127.0.0.3"), free_port(), free_port()
+    port = free_port("127.0.0.2", "127.0.0.3")
     stopped = instances("node1", servicePort=port, bindAddress="127.0.0.2")
     staying = instances("node2", servicePort=port, bindAddress="127.0.0.3")
     stopped.wait_serving()
     staying.wait_serving()
-    binary = artifacts.resolve("builtin:envoy", ".").path
-    with open(tmp_path / "envoy.log", "w") as log:
-        envoy = subprocess.Popen([binary, "-c", envoy_config(tmp_path, port, ingress, admin), "--disable-hot-restart",
-                                  "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
-    load = None
-    try:
-        probe = grpc.insecure_channel(f"127.0.0.1:{ingress}")
-        deadline = time.monotonic() + 30
-        while True:  # Envoy up and both backends healthy: every call of a round answered
-            assert envoy.poll() is None, (tmp_path / "envoy.log").read_text()
-            try:
-                if all(probe.unary_unary("/test.Slow/Sleep")(b"0", timeout=2) == b"done:0" for _ in range(4)):
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "Envoy never answered through both backends"
-            time.sleep(0.2)
-        probe.close()
-        load = Load(f"127.0.0.1:{ingress}")
-        time.sleep(1)
-        stopped.proc.send_signal(signal.SIGTERM)
-        assert stopped.proc.wait(timeout=60) == 0
-        before = load.ok
-        time.sleep(1)
-        load.stop()
-        assert load.failed == 0, load.errors[:5]
-        # Not even rescued by Envoy's retries (reset, unavailable): no call reached the backend
-        # after it stopped accepting. Without the drain, a few calls are retried and some fail.
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy
-        with direct.open(f"http://127.0.0.1:{admin}/stats?filter=inference_service.upstream_rq_retry$",
-                         timeout=10) as stats:
-            assert stats.read().decode().split() == ["cluster.inference_service.upstream_rq_retry:", "0"]
-        assert load.ok > before  # the remaining backend kept answering after the other exited
-        assert "draining" in stopped.output()
-    finally:
-        if load:
-            load.stop()
-        envoy.terminate()
-        envoy.wait(timeout=30)
+    front = envoy(port, ["node1", "node2"])
+    front.wait_answering()
+    clients = load(front.address)
+    time.sleep(1)
+    stopped.proc.send_signal(signal.SIGTERM)
+    assert stopped.proc.wait(timeout=60) == 0
+    before = clients.ok
+    time.sleep(1)
+    clients.stop()
+    assert clients.failed == 0, clients.errors[:5]
+    # Not even rescued by Envoy's retries (reset, unavailable): no call reached the backend after
+    # it stopped accepting. Without the drain, a few calls are retried and some fail.
+    assert front.retries() == 0
+    assert clients.ok > before  # the remaining backend kept answering after the other exited
+    assert "draining" in stopped.output()
