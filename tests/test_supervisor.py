@@ -4,14 +4,17 @@ over SSH. Every wait is bounded; durations are never asserted, only what was rec
 import fcntl
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 
-from fleet import supervisor
+from fleet import artifacts, supervisor
+from fleet.services.proto import health_pb2, health_pb2_grpc
 
 SUPERVISOR = os.path.abspath(supervisor.__file__)
 # The supervisor runs with a host's own python3, beside which neither fleet nor its
@@ -326,3 +329,34 @@ def test_a_supervisor_started_over_ssh_outlives_the_session(lab):
     finally:
         if alive(sup):
             os.kill(sup, signal.SIGKILL)
+
+
+def test_fleets_inference_service_under_the_supervisor(root, tmp_path):
+    """The real service artifact: restarted after kill -9 and serving again; stop drains it
+    (health NOT_SERVING, then finish) and records a clean exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "inference.yaml"
+    config.write_text(f"servicePort: {port}\nbindAddress: 127.0.0.1\nmodelParallelism: 1\ndrainSeconds: 0.5\n")
+    artifact = artifacts.resolve("builtin:services", ".").path
+    first = int(root.start("inference", sys.executable, artifact, "inference", "-c", str(config))["pid"])
+
+    def serving_pid(other_than=None):
+        state = root.status("inference")[0]
+        if state["state"] != "running" or state["pid"] == str(other_than):
+            return None
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError:
+                return None
+        return int(state["pid"]) if reply.status == health_pb2.HealthCheckResponse.SERVING else None
+
+    assert wait_for(serving_pid, timeout=30, what="the service serving") == first
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: serving_pid(other_than=first), timeout=30, what="the restarted service serving")
+    state = root.stop("inference", grace=15)
+    assert state["last_exit"] == "exit:0"
+    log = root.read("log", "inference.log")
+    assert log.count("draining: health NOT_SERVING") == 1 and log.rstrip().endswith("supervisor: stopped")
