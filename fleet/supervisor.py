@@ -438,7 +438,7 @@ def cmd_start(paths, args):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"{paths.name}: supervisor exited at once ({exit_reason_code(proc.returncode)}); "
+            print(f"{paths.name}: supervisor exited at once ({describe_returncode(proc.returncode)}); "
                   f"see {paths.log}", file=sys.stderr)
             return 1
         fields = paths.read_state()
@@ -451,7 +451,7 @@ def cmd_start(paths, args):
     return 1
 
 
-def exit_reason_code(returncode):
+def describe_returncode(returncode):
     return f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
 
 
