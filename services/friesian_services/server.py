@@ -76,31 +76,67 @@ class _Timing:
 
 
 def _health(service_names):
-    """grpc.health.v1 (the standard servicer): SERVING for "" and the service's own full names."""
+    """grpc.health.v1 (the standard servicer): SERVING for "" and the service's own full names,
+    NOT_SERVING for all of them once it drains (enter_graceful_shutdown)."""
     servicer = health.HealthServicer()
     for name in ("", *service_names):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
 
 
+# Envoy takes a backend out of rotation after unhealthy_threshold failed checks, health_check_interval
+# apart (roles/envoy/defaults.yaml: 2 × 2 s), plus up to a check timeout (1 s) for the last answer:
+# a draining service keeps serving new calls that long, so none reaches it after it stops accepting.
+DEFAULT_DRAIN_SECONDS = 5.0
+DEFAULT_GRACE_SECONDS = 5.0
+
+
+def _config_seconds(config, key, default):
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+        raise SystemExit(f"config key {key}: expected seconds between 0 and 3600, got {value!r}")
+    return float(value)
+
+
 def serve(config, register, service_names):
-    """Binds servicePort, serves until SIGTERM/SIGINT, then drains for up to 5 s."""
+    """Binds servicePort and serves until SIGTERM/SIGINT, then stops gracefully:
+    1. grpc.health.v1 answers NOT_SERVING for every service at once (Envoy's health checks take
+       the backend out of rotation), while new and in-flight calls are still served for
+       drainSeconds (a second signal cuts this short);
+    2. the server stops accepting calls and gives those in flight graceSeconds to finish.
+    reusePort: true lets a second instance bind the same port (both must set it) so that a single
+    backend can be replaced without a moment in which nothing listens."""
     port = int(config["servicePort"])
     address = f"{config.get('bindAddress', '0.0.0.0')}:{port}"
     workers = int(config.get("modelParallelism", 4)) * 2
-    # so_reuseport off: a second instance on a taken port must fail, not silently share it.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
+    drain = _config_seconds(config, "drainSeconds", DEFAULT_DRAIN_SECONDS)
+    grace = _config_seconds(config, "graceSeconds", DEFAULT_GRACE_SECONDS)
+    reuse_port = config.get("reusePort", False)
+    if not isinstance(reuse_port, bool):
+        raise SystemExit(f"config key reusePort: expected true or false, got {reuse_port!r}")
+    # so_reuseport off by default: a second instance on a taken port must fail, not silently share it.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.so_reuseport", int(reuse_port))])
     register(server)
-    health_pb2_grpc.add_HealthServicer_to_server(_health(service_names), server)
+    health = _health(service_names)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         server.add_insecure_port(address)
     except RuntimeError as e:
         raise SystemExit(f"cannot listen on {address}: {e}")
     server.start()
     print(f"serving {', '.join(service_names)} on {address}", flush=True)
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
-    server.stop(grace=5).wait()
+    health.enter_graceful_shutdown()
+    print(f"draining: health NOT_SERVING, still serving for {drain:g}s", flush=True)
+    hurry.wait(drain)
+    print(f"stopping: finishing calls in flight for up to {grace:g}s", flush=True)
+    server.stop(grace=grace).wait()
     print("stopped", flush=True)

@@ -1,0 +1,118 @@
+"""Rolling-deploy decisions, as pure functions: which backends restart together, whether the
+next batch may go, and what to do when a batch does not come up. No I/O.
+
+A service's `rollout: {batch: B}` in the inventory: B is a number of backends (>= 1) or a
+percentage of them ("25%", rounded down). Default: 25% - one backend at a time up to 7 backends,
+a quarter of the capacity at most beyond - a batch is at least 1 and, with two or more backends,
+at most all but one: a rolling deploy never takes a whole service out. A service with a single
+backend cannot roll: it surges (a new instance up beside the old one, then the switch).
+
+The invariant: while a batch restarts, at least N - B backends are healthy, N the service's
+backends. Backends that are already unhealthy restart first, all in one batch: they serve
+nothing, so restarting them costs no capacity.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+DEFAULT_BATCH = "25%"
+ROLLING, SURGE = "rolling", "surge"
+GO, STOP, ROLLBACK = "go", "stop", "rollback"
+PERCENT = re.compile(r"^([0-9]{1,3})%$")
+
+
+class RolloutError(ValueError):
+    """A bad `rollout` spec; the message starts with the key (the caller adds file:line)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # ROLLING or SURGE
+    size: int  # B: the most backends out at once
+    batches: Tuple[Tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # GO, STOP or ROLLBACK
+    reason: str = ""
+    hosts: Tuple[str, ...] = ()  # the backends the action is about (the batch to roll back)
+
+
+def parse_spec(spec):
+    """The validated batch setting of a `rollout` mapping (None: the default)."""
+    if spec is None:
+        return DEFAULT_BATCH
+    if not isinstance(spec, dict):
+        raise RolloutError(f"rollout: expected a mapping like {{batch: 1}}, got {spec!r}")
+    unknown = sorted(set(spec) - {"batch"})
+    if unknown:
+        raise RolloutError(f"rollout.{unknown[0]}: unknown key (known: batch)")
+    batch = spec.get("batch", DEFAULT_BATCH)
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
+        return batch
+    match = PERCENT.match(batch) if isinstance(batch, str) else None
+    if match and 1 <= int(match.group(1)) <= 100:
+        return batch
+    raise RolloutError(f'rollout.batch: expected a whole number >= 1 or a percentage like "25%", got {batch!r}')
+
+
+def batch_size(spec, backend_count):
+    """B for a service of `backend_count` backends: at least 1, at most all but one."""
+    batch = parse_spec(spec)
+    if isinstance(batch, str):
+        size = backend_count * int(PERCENT.match(batch).group(1)) // 100
+    else:
+        size = batch
+    return max(1, min(size, backend_count - 1))
+
+
+def plan(backends: Sequence[str], changed: Sequence[str], unhealthy: Sequence[str] = (), spec=None) -> Plan:
+    """The batches that restart `changed` (a subset of `backends`), in the inventory's order:
+    the unhealthy ones first, together, then the healthy ones B at a time."""
+    if len(set(backends)) != len(backends):
+        raise ValueError(f"backends listed twice: {list(backends)}")
+    unknown = [b for b in list(changed) + list(unhealthy) if b not in backends]
+    if unknown:
+        raise ValueError(f"not backends of the service: {unknown}")
+    size = batch_size(spec, len(backends))
+    restart = [b for b in backends if b in set(changed)]
+    if len(backends) == 1:
+        return Plan(SURGE, 1, (tuple(restart),) if restart else ())
+    down = tuple(b for b in restart if b in set(unhealthy))
+    up = [b for b in restart if b not in set(unhealthy)]
+    batches = [down] if down else []
+    batches += [tuple(up[i:i + size]) for i in range(0, len(up), size)]
+    return Plan(ROLLING, size, tuple(batches))
+
+
+def before_batch(plan: Plan, batch: Sequence[str], backends: Sequence[str], healthy: Sequence[str]) -> Decision:
+    """May `batch` restart now, given which backends are healthy (as Envoy reports them)?
+    STOP when it would take healthy backends out and leave fewer than N - B healthy: some other
+    backend is down meanwhile. A batch of backends that are all down already may always go."""
+    if plan.mode == SURGE:
+        return Decision(GO)  # the old instance serves until the new one is up
+    left = [b for b in backends if b in set(healthy) and b not in set(batch)]
+    takes_out = [b for b in batch if b in set(healthy)]
+    floor = len(backends) - plan.size
+    if takes_out and len(left) < floor:
+        down = [b for b in backends if b not in set(healthy) and b not in set(batch)]
+        return Decision(STOP, f"restarting {', '.join(batch)} would leave {len(left)} of {len(backends)} backends "
+                              f"healthy, fewer than {floor}; not healthy: {', '.join(down) or 'none'}", tuple(batch))
+    return Decision(GO)
+
+
+def after_batch(batch: Sequence[str], results: Dict[str, Optional[str]]) -> Decision:
+    """`results`: per backend of the batch, None when it came up (listens, answers
+    grpc.health.v1, Envoy reports it healthy), else why not. One failure rolls the whole batch
+    back to the previous release, and the rollout stops there."""
+    missing = [b for b in batch if b not in results]
+    if missing:
+        raise ValueError(f"no result for {missing}")
+    failed = [(b, results[b]) for b in batch if results[b] is not None]
+    if failed:
+        host, reason = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        return Decision(ROLLBACK, f"{host}: {reason}{more}", tuple(batch))
+    return Decision(GO)

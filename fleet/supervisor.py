@@ -1,0 +1,597 @@
+"""Keeps one service process alive on a host without systemd; pushed to hosts like an artifact.
+
+Standard library only, Python 3.9+: it runs with the host's python3, where fleet is not installed.
+
+    python3 supervisor.py start  ROOT NAME [options] -- COMMAND...
+    python3 supervisor.py stop   ROOT NAME [--grace S]
+    python3 supervisor.py status ROOT NAME
+
+One supervisor process per service process, not one per host root: a supervisor then has a
+single child, no protocol to add or remove services, no config to reload, and a bug or crash in
+it touches one backend only; start/stop map one to one onto a systemd unit where the host has
+systemd. It costs one small Python process (~10 MB) per service process, which hosts afford.
+
+`start` execs a fresh interpreter in a new session (setsid: the SSH session ending does not
+reach it), stdin /dev/null, every inherited fd above 2 closed (fd 9 holds fleet's deploy lock),
+umask 077. The supervisor runs COMMAND (no shell; pass `sh -c '...'` for one) with cwd ROOT and
+FLEET_PROC=ROOT/NAME in its environment, in a process group of its own, and with
+PR_SET_PDEATHSIG=SIGKILL on Linux: if the supervisor itself is killed (-9), its child dies with
+it, so a service never runs unsupervised; `status` then reports `state=dead` and the next
+`start` brings both back. Any exit that `stop` did not ask for is restarted, like systemd's
+Restart=always: the first after --backoff-min seconds, then doubling up to --backoff-max while
+the process keeps exiting within --stable seconds of its start; a run of --stable seconds or
+more resets the delay.
+
+The child's stdout and stderr go through a pipe to ROOT/log/NAME.log (mode 0640), rotated by
+size: NAME.log.1 .. NAME.log.K hold the older output. Supervisor events are lines starting with
+`== ` in the same log.
+
+Files in ROOT/run (mode 0600):
+    NAME.pid    the child's pid (what fleet's listen checks read), absent while none runs
+    NAME.sup    the supervisor's pid; its environment carries FLEET_SUPERVISOR=ROOT/NAME
+    NAME.state  one line of key=value: state (running, backoff, stopping, stopped), supervisor,
+                pid, restarts, last_exit (exit:N, SIGNAME or exec:ERROR), last_exit_at,
+                started_at, delay (seconds before the next start while in backoff)
+    NAME.stop   written by `stop`: the grace period the supervisor gives the child
+
+`status` prints NAME.state's line with `state` corrected by what is alive (`dead`: the
+supervisor is gone; `absent`: never started) and exits 0 if the state is running, else 3.
+Bad arguments: one line on stderr, exit 2.
+"""
+
+import argparse
+import ctypes
+import datetime
+import errno
+import os
+import re
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_@][A-Za-z0-9_.@-]*$")
+PR_SET_PDEATHSIG = 1
+READ_CHUNK = 65536
+NOT_RUNNING = 3
+
+
+class Usage(Exception):
+    """A bad argument: reported on one line, exit 2."""
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def exit_reason(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return signal.Signals(sig).name
+        except ValueError:
+            return f"signal:{sig}"
+    return f"exit:{os.WEXITSTATUS(status)}"
+
+
+def carries(pid, marker):
+    """Is `pid` alive and does its environment hold `marker`? A recycled pid does not."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker.encode() in f.read().split(b"\0")
+    except (OSError, ValueError):
+        return False
+
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def parse_state(line):
+    return dict(field.split("=", 1) for field in line.split() if "=" in field)
+
+
+def format_state(fields):
+    return " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+class Paths:
+    def __init__(self, root, name):
+        if not os.path.isabs(root):
+            raise Usage(f"ROOT must be an absolute path: {root!r}")
+        if not NAME_PATTERN.match(name):
+            raise Usage(f"NAME must be letters, digits and _.@- (not starting with . or -): {name!r}")
+        self.root, self.name = root, name
+        self.run_dir, self.log_dir = os.path.join(root, "run"), os.path.join(root, "log")
+        self.pid = os.path.join(self.run_dir, f"{name}.pid")
+        self.sup = os.path.join(self.run_dir, f"{name}.sup")
+        self.state = os.path.join(self.run_dir, f"{name}.state")
+        self.stop = os.path.join(self.run_dir, f"{name}.stop")
+        self.log = os.path.join(self.log_dir, f"{name}.log")
+        self.proc_marker = f"FLEET_PROC={root}/{name}"
+        self.sup_marker = f"FLEET_SUPERVISOR={root}/{name}"
+
+    def make_dirs(self):
+        for directory in (self.root, self.run_dir, self.log_dir):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def live_supervisor(self):
+        pid = read_pid(self.sup)
+        return pid if pid and carries(pid, self.sup_marker) else None
+
+    def live_child(self):
+        pid = read_pid(self.pid)
+        return pid if pid and carries(pid, self.proc_marker) else None
+
+    def read_state(self):
+        try:
+            with open(self.state) as f:
+                return parse_state(f.read())
+        except OSError:
+            return {}
+
+
+class RotatingLog:
+    """Appends to PATH; when the next bytes would pass max_bytes, PATH becomes PATH.1 (PATH.1
+    becomes PATH.2 ...; PATH.keep is dropped) and a fresh PATH is opened."""
+
+    def __init__(self, path, max_bytes, keep):
+        self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        self._open()
+
+    def _open(self):
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.fchmod(self.fd, 0o640)  # umask 077 would leave 0600; the log is group-readable
+        self.size = os.fstat(self.fd).st_size
+
+    def _rotate(self):
+        os.close(self.fd)
+        self.fd = None
+        for i in range(self.keep - 1, 0, -1):
+            if os.path.exists(f"{self.path}.{i}"):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        if self.keep > 0:
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.unlink(self.path)
+        self._open()
+
+    def write(self, data):
+        """Drops what cannot be written (a full disk): the service must not die of its log."""
+        try:
+            if self.fd is None:  # a rotation that failed half-way: try again with a fresh file
+                self._open()
+            while data:
+                room = self.max_bytes - self.size
+                if room <= 0:
+                    self._rotate()
+                    continue
+                part, data = data[:room], data[room:]
+                os.write(self.fd, part)
+                self.size += len(part)
+        except OSError:
+            pass
+
+    def event(self, text):
+        self.write(f"== {utc_now()} supervisor: {text}\n".encode())
+
+
+def _pdeathsig_setter():
+    """A preexec function giving the child SIGKILL when the supervisor dies (Linux), and its own
+    process group so that stop reaches the children it forks."""
+    supervisor_pid = os.getpid()
+    prctl = None
+    if sys.platform.startswith("linux"):
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec():
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != supervisor_pid:  # the supervisor died before prctl took effect
+                os._exit(1)
+
+    return preexec
+
+
+class Supervisor:
+    def __init__(self, paths, command, options):
+        self.paths, self.command, self.options = paths, command, options
+        self.log = RotatingLog(paths.log, options.log_max_bytes, options.log_keep)
+        self.child = None  # subprocess.Popen while a child runs
+        self.output = None  # read end of the child's stdout/stderr pipe
+        self.state = "starting"
+        self.restarts = 0
+        self.failures = 0  # consecutive exits within options.stable seconds of a start
+        self.last_exit, self.last_exit_at, self.started_at = "-", "-", "-"
+        self.started = 0.0
+        self.delay = 0.0
+        self.restart_at = None
+        self.kill_at = None
+        self.term_requested = False
+        self.selector = selectors.DefaultSelector()
+        self.preexec = _pdeathsig_setter()
+        self.env = {k: v for k, v in os.environ.items() if k != "FLEET_SUPERVISOR"}
+        self.env["FLEET_PROC"] = f"{paths.root}/{paths.name}"
+
+    # -- records ---------------------------------------------------------------------------
+    def record(self):
+        fields = {"name": self.paths.name, "state": self.state, "supervisor": os.getpid(),
+                  "pid": self.child.pid if self.child else "-", "restarts": self.restarts,
+                  "last_exit": self.last_exit, "last_exit_at": self.last_exit_at,
+                  "started_at": self.started_at, "delay": f"{self.delay:g}"}
+        write_atomic(self.paths.state, format_state(fields) + "\n")
+
+    # -- the child -------------------------------------------------------------------------
+    def spawn(self):
+        self.restart_at = None
+        read_end, write_end = os.pipe()
+        try:
+            self.child = subprocess.Popen(self.command, cwd=self.paths.root, env=self.env, stdin=subprocess.DEVNULL,
+                                          stdout=write_end, stderr=write_end, close_fds=True,
+                                          preexec_fn=self.preexec)
+        except OSError as e:
+            os.close(read_end)
+            os.close(write_end)
+            self.child = None
+            self.last_exit, self.last_exit_at = f"exec:{errno.errorcode.get(e.errno, e.errno)}", utc_now()
+            self.log.event(f"cannot start {self.command[0]}: {e.strerror}")
+            self.schedule_restart(ran=0.0)
+            return
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.output = read_end
+        self.selector.register(read_end, selectors.EVENT_READ)
+        self.started, self.started_at = time.monotonic(), utc_now()
+        write_atomic(self.paths.pid, f"{self.child.pid}\n")
+        self.state = "running"
+        self.delay = 0.0
+        self.log.event(f"started pid {self.child.pid}")
+        self.record()
+
+    def drain_output(self, until_eof=False):
+        while self.output is not None:
+            try:
+                data = os.read(self.output, READ_CHUNK)
+            except BlockingIOError:
+                if until_eof:  # a grandchild may hold the pipe: keep what is there, then let go
+                    self.close_output()
+                return
+            if not data:
+                self.close_output()
+                return
+            self.log.write(data)
+
+    def close_output(self):
+        self.selector.unregister(self.output)
+        os.close(self.output)
+        self.output = None
+
+    def reap(self):
+        if self.child is None:
+            return
+        pid, status = os.waitpid(self.child.pid, os.WNOHANG)
+        if pid == 0:
+            return
+        self.child.returncode = status  # keep Popen from waiting on a reaped pid
+        self.drain_output(until_eof=True)
+        self.child = None
+        try:
+            os.unlink(self.paths.pid)
+        except FileNotFoundError:
+            pass
+        self.last_exit, self.last_exit_at = exit_reason(status), utc_now()
+        self.log.event(f"process exited ({self.last_exit})")
+        if self.state == "stopping":
+            self.state = "stopped"
+            return
+        self.schedule_restart(ran=time.monotonic() - self.started)
+
+    def schedule_restart(self, ran):
+        if ran >= self.options.stable:
+            self.failures = 0
+        self.failures += 1
+        self.delay = min(self.options.backoff_max, self.options.backoff_min * 2 ** (self.failures - 1))
+        self.restart_at = time.monotonic() + self.delay
+        self.restarts += 1
+        self.state = "backoff"
+        self.log.event(f"restart {self.restarts} in {self.delay:g}s")
+        self.record()
+
+    def begin_stop(self):
+        grace = self.options.grace
+        try:
+            with open(self.paths.stop) as f:
+                grace = float(f.read().strip())
+        except (OSError, ValueError):
+            pass
+        self.restart_at = None
+        if self.child is None:
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        self.record()
+        self.log.event(f"stopping pid {self.child.pid} (SIGTERM, grace {grace:g}s)")
+        self.signal_child(signal.SIGTERM)
+        self.kill_at = time.monotonic() + grace
+
+    def signal_child(self, sig):
+        try:
+            os.killpg(self.child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self):
+        wakeup_read, wakeup_write = os.pipe()
+        for fd in (wakeup_read, wakeup_write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wakeup_write)
+        self.selector.register(wakeup_read, selectors.EVENT_READ)
+
+        def request_stop(*_):
+            self.term_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        # Caught, not ignored: an ignored signal would stay ignored in the child across exec.
+        signal.signal(signal.SIGHUP, lambda *_: None)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd hears it
+        write_atomic(self.paths.sup, f"{os.getpid()}\n")
+        self.log.event(f"supervising {self.paths.name}: {shlex.join(self.command)}")
+        self.spawn()
+        while self.state != "stopped":
+            for key, _ in self.selector.select(self.timeout()):
+                if key.fd == wakeup_read:
+                    while True:
+                        try:
+                            if not os.read(wakeup_read, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                else:
+                    self.drain_output()
+            if self.term_requested and self.state not in ("stopping", "stopped"):
+                self.begin_stop()
+            self.reap()
+            now = time.monotonic()
+            if self.restart_at is not None and now >= self.restart_at:
+                self.spawn()
+            if self.kill_at is not None and now >= self.kill_at and self.child is not None:
+                self.log.event(f"grace over: SIGKILL pid {self.child.pid}")
+                self.signal_child(signal.SIGKILL)
+                self.kill_at = None
+        self.record()
+        self.log.event("stopped")
+        for path in (self.paths.sup, self.paths.stop):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def timeout(self):
+        deadlines = [t for t in (self.restart_at, self.kill_at) if t is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+
+# -- commands ----------------------------------------------------------------------------------
+def status_line(paths):
+    """(line, running?) for `status`: the recorded state, corrected by what is alive."""
+    fields = paths.read_state()
+    if not fields:
+        fields = {"name": paths.name, "state": "absent"}
+    elif fields.get("state") != "stopped" and not paths.live_supervisor():
+        fields["state"] = "dead"
+        child = paths.live_child()
+        fields["pid"] = child or "-"
+    return format_state(fields), fields["state"] == "running"
+
+
+def cmd_status(paths, _args):
+    line, running = status_line(paths)
+    print(line)
+    return 0 if running else NOT_RUNNING
+
+
+def cmd_start(paths, args):
+    paths.make_dirs()
+    running = paths.live_supervisor()
+    if running:
+        print(f"{paths.name}: already supervised by pid {running}; stop it first", file=sys.stderr)
+        return 1
+    # A child left by an older fleet (setsid start, no supervisor) would hold the ports.
+    stop_orphan(paths, args.grace)
+    for path in (paths.stop, paths.state):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    env = dict(os.environ, FLEET_SUPERVISOR=f"{paths.root}/{paths.name}")
+    env.pop("FLEET_PROC", None)
+    options = ["--grace", f"{args.grace:g}", "--backoff-min", f"{args.backoff_min:g}", "--backoff-max",
+               f"{args.backoff_max:g}", "--stable", f"{args.stable:g}", "--log-max-bytes", str(args.log_max_bytes),
+               "--log-keep", str(args.log_keep)]
+    log = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", paths.root, paths.name, *options,
+                             "--", *args.command], env=env, cwd=paths.root, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=log, close_fds=True, start_new_session=True)
+    os.close(log)
+    # Wait (bounded) until the supervisor has recorded its first start, so that the caller's
+    # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"{paths.name}: supervisor exited at once ({describe_returncode(proc.returncode)}); "
+                  f"see {paths.log}", file=sys.stderr)
+            return 1
+        fields = paths.read_state()
+        if fields.get("state") in ("running", "backoff"):
+            print(format_state(fields))
+            return 0
+        time.sleep(0.05)
+    print(f"{paths.name}: supervisor pid {proc.pid} recorded no state within 10s; see {paths.log}",
+          file=sys.stderr)
+    return 1
+
+
+def describe_returncode(returncode):
+    return f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
+
+
+def wait_gone(pid, marker, timeout):
+    deadline = time.monotonic() + timeout
+    while carries(pid, marker):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def stop_orphan(paths, grace):
+    """A child alive without a live supervisor: SIGTERM, grace, SIGKILL."""
+    child = paths.live_child()
+    if not child:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            return
+        if wait_gone(child, paths.proc_marker, wait):
+            break
+    try:
+        os.unlink(paths.pid)
+    except FileNotFoundError:
+        pass
+
+
+def cmd_stop(paths, args):
+    supervisor = paths.live_supervisor()
+    if supervisor:
+        write_atomic(paths.stop, f"{args.grace:g}\n")
+        os.kill(supervisor, signal.SIGTERM)
+        # The supervisor's own SIGKILL fires at the end of the grace; 5 s more covers the reap.
+        if not wait_gone(supervisor, paths.sup_marker, args.grace + 5):
+            child = paths.live_child()
+            os.kill(supervisor, signal.SIGKILL)  # its child follows (PDEATHSIG), or:
+            if child:
+                try:
+                    os.killpg(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_gone(supervisor, paths.sup_marker, 5)
+    stop_orphan(paths, args.grace)
+    line, _ = status_line(paths)
+    print(line)
+    return 0
+
+
+def positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if value <= 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def non_negative_int(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0: {text!r}")
+    return int(text)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise Usage(message)
+
+
+def parser():
+    top = Parser(prog="supervisor.py", description="Keeps one service process alive.")
+    sub = top.add_subparsers(dest="action", required=True, parser_class=Parser)
+    for action in ("start", "_run", "stop", "status"):
+        p = sub.add_parser(action)
+        p.add_argument("root")
+        p.add_argument("name")
+        if action == "status":
+            continue
+        p.add_argument("--grace", type=positive, default=15.0,
+                       help="seconds between SIGTERM and SIGKILL (a service drains, then finishes calls)")
+        if action == "stop":
+            continue
+        p.add_argument("--backoff-min", type=positive, default=1.0)
+        p.add_argument("--backoff-max", type=positive, default=30.0)
+        p.add_argument("--stable", type=positive, default=10.0,
+                       help="a run this long resets the backoff")
+        p.add_argument("--log-max-bytes", type=non_negative_int, default=10 * 1024 * 1024)
+        p.add_argument("--log-keep", type=non_negative_int, default=3, help="rotated logs kept")
+    return top
+
+
+def split_command(argv):
+    """Everything after the first `--` is the command, verbatim (argparse would read options in it)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv=None):
+    os.umask(0o077)
+    argv = sys.argv[1:] if argv is None else argv
+    head, command = split_command(argv)
+    try:
+        args = parser().parse_args(head)
+        args.command = command
+        if args.action not in ("start", "_run") and command:
+            raise Usage(f"{args.action} takes no command")
+        if args.action in ("start", "_run") and not command:
+            raise Usage(f"{args.action} needs a command after --")
+        if args.action in ("start", "_run") and args.log_max_bytes < 1:
+            raise Usage("--log-max-bytes must be at least 1")
+        paths = Paths(args.root, args.name)
+    except Usage as e:
+        print(f"supervisor.py: {e}", file=sys.stderr)
+        return 2
+    if args.action == "_run":
+        return run_supervisor(paths, args)
+    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}[args.action](paths, args)
+
+
+def run_supervisor(paths, args):
+    supervisor = Supervisor(paths, args.command, args)
+    # From here on everything the supervisor says goes to the rotating log.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        supervisor.run()
+    except BaseException:
+        supervisor.log.event("crashed: " + traceback.format_exc().replace("\n", " | "))
+        if supervisor.child is not None:
+            supervisor.signal_child(signal.SIGKILL)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

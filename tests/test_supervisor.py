@@ -1,0 +1,362 @@
+"""The host-side supervisor, with real processes under a temporary root and on a namespace host
+over SSH. Every wait is bounded; durations are never asserted, only what was recorded."""
+
+import fcntl
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from fleet import artifacts, supervisor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SUPERVISOR = os.path.abspath(supervisor.__file__)
+# The supervisor runs with a host's own python3, beside which neither fleet nor its
+# dependencies are installed: Debian's, as on the hosts.
+HOST_PYTHON = "/usr/bin/python3"
+LAB_HOSTS = 1
+
+
+def run(*args, timeout=30):
+    return subprocess.run([HOST_PYTHON, SUPERVISOR, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def fields(line):
+    return supervisor.parse_state(line)
+
+
+def wait_for(predicate, timeout=15, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Root:
+    """A temporary host root; whatever a test started under it is stopped at the end."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.names = set()
+
+    def start(self, name, *command, options=()):
+        self.names.add(name)
+        proc = run("start", self.path, name, *options, "--", *command)
+        assert proc.returncode == 0, proc.stderr
+        return fields(proc.stdout)
+
+    def status(self, name):
+        proc = run("status", self.path, name)
+        return fields(proc.stdout), proc.returncode
+
+    def stop(self, name, grace=5):
+        proc = run("stop", self.path, name, "--grace", str(grace), timeout=grace + 30)
+        assert proc.returncode == 0, proc.stderr
+        return fields(proc.stdout)
+
+    def file(self, *parts):
+        return os.path.join(self.path, *parts)
+
+    def read(self, *parts):
+        with open(self.file(*parts)) as f:
+            return f.read()
+
+    def cleanup(self):
+        for name in self.names:
+            run("stop", self.path, name, "--grace", "1")
+            pid = supervisor.read_pid(self.file("run", f"{name}.sup"))
+            if pid and alive(pid):  # stop failed: never leave a supervisor behind
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = Root(tmp_path / "root")
+    yield r
+    r.cleanup()
+
+
+SLEEPER = [sys.executable, "-c", "import time\nprint('up', flush=True)\nwhile True: time.sleep(1)"]
+
+
+def test_a_killed_child_is_restarted_with_its_exit_reason_recorded(root):
+    first = root.start("svc", *SLEEPER)
+    assert first["state"] == "running"
+    old = int(first["pid"])
+    os.kill(old, signal.SIGKILL)
+    state = wait_for(lambda: (lambda s: s if s["pid"] not in ("-", str(old)) else None)(root.status("svc")[0]),
+                     what="a new child pid")
+    assert state["state"] == "running"
+    assert state["restarts"] == "1"
+    assert state["last_exit"] == "SIGKILL"
+    new = int(state["pid"])
+    assert root.read("run", "svc.pid").strip() == str(new)
+    # The new child is marked as fleet's and runs in the root, like the one before.
+    with open(f"/proc/{new}/environ", "rb") as f:
+        assert f"FLEET_PROC={root.path}/svc".encode() in f.read().split(b"\0")
+    assert os.readlink(f"/proc/{new}/cwd") == root.path
+    assert root.status("svc")[1] == 0
+
+
+def test_a_command_that_keeps_exiting_backs_off_instead_of_looping(root):
+    root.start("crash", "sh", "-c", "exit 3",
+               options=["--backoff-min", "0.1", "--backoff-max", "0.8", "--stable", "60"])
+    delays = []
+
+    def reached_max():
+        state = root.status("crash")[0]
+        if state["state"] == "backoff" and (not delays or delays[-1] != state["delay"]):
+            delays.append(state["delay"])
+        return state if state["delay"] == "0.8" else None
+
+    state = wait_for(reached_max, what="the longest backoff")
+    assert state["last_exit"] == "exit:3"
+    # Each recorded delay doubles the one before (polling may miss some), up to the cap.
+    values = [float(d) for d in delays]
+    assert values == sorted(values) and set(values) <= {0.1, 0.2, 0.4, 0.8}
+    # At the cap, a window of 2 s holds at most a few restarts: no tight loop.
+    before = int(state["restarts"])
+    time.sleep(2)
+    after = int(root.status("crash")[0]["restarts"])
+    assert 1 <= after - before <= 4
+
+
+def test_a_run_longer_than_stable_resets_the_backoff(root):
+    root.start("flaky", "sh", "-c", "sleep 0.4; exit 1",
+               options=["--backoff-min", "0.1", "--backoff-max", "5", "--stable", "0.2"])
+    seen = set()
+
+    def some_restarts():
+        state = root.status("flaky")[0]
+        if state["state"] == "backoff":
+            seen.add(state["delay"])
+        return int(state["restarts"]) >= 4
+
+    wait_for(some_restarts, what="4 restarts")
+    assert seen <= {"0.1"}, seen
+
+
+def test_a_command_that_cannot_be_executed_is_recorded_and_retried(root):
+    state = root.start("missing", "/nonexistent/binary", options=["--backoff-min", "0.1", "--backoff-max", "0.2"])
+    assert state["state"] == "backoff"
+    assert state["last_exit"] == "exec:ENOENT"
+    wait_for(lambda: int(root.status("missing")[0]["restarts"]) >= 2, what="retries")
+
+
+GRACEFUL = [sys.executable, "-c", """
+import signal, sys, time
+def term(*_):
+    print('got SIGTERM', flush=True)
+    time.sleep(1)
+    print('drained', flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print('up', flush=True)
+while True: time.sleep(1)
+"""]
+
+
+def test_stop_sends_sigterm_and_gives_the_child_its_grace(root):
+    child = int(root.start("graceful", *GRACEFUL)["pid"])
+    sup = supervisor.read_pid(root.file("run", "graceful.sup"))
+    wait_for(lambda: "up" in root.read("log", "graceful.log"), what="the child's first line")
+    state = root.stop("graceful", grace=10)
+    assert state["state"] == "stopped"
+    assert state["last_exit"] == "exit:0"
+    log = root.read("log", "graceful.log")
+    assert "got SIGTERM" in log and "drained" in log
+    assert not alive(child) and not alive(sup)
+    assert not os.path.exists(root.file("run", "graceful.pid"))
+    assert root.status("graceful") == (state, supervisor.NOT_RUNNING)
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_after_the_grace(root):
+    child = int(root.start("stubborn", "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done")["pid"])
+    state = root.stop("stubborn", grace=1)
+    assert state["last_exit"] == "SIGKILL"
+    assert not alive(child)
+    assert "grace over: SIGKILL" in root.read("log", "stubborn.log")
+
+
+def test_stop_of_a_name_never_started_succeeds_and_touches_nothing(root):
+    assert root.stop("never")["state"] == "absent"
+    assert root.status("never") == ({"name": "never", "state": "absent"}, supervisor.NOT_RUNNING)
+
+
+def test_a_supervisor_killed_with_sigkill_takes_its_child_along(root):
+    child = int(root.start("svc", *SLEEPER)["pid"])
+    sup = supervisor.read_pid(root.file("run", "svc.sup"))
+    os.kill(sup, signal.SIGKILL)
+    wait_for(lambda: not alive(child), what="the child to die with its supervisor (PR_SET_PDEATHSIG)")
+    state, code = root.status("svc")
+    assert (state["state"], state["pid"], code) == ("dead", "-", supervisor.NOT_RUNNING)
+    # The next start brings it back.
+    assert root.start("svc", *SLEEPER)["state"] == "running"
+
+
+def test_a_second_start_of_a_supervised_name_is_refused(root):
+    root.start("svc", *SLEEPER)
+    proc = run("start", root.path, "svc", "--", *SLEEPER)
+    assert proc.returncode == 1 and "already supervised" in proc.stderr
+
+
+def test_start_takes_over_from_an_unsupervised_process_of_the_same_name(root):
+    """A service started by an older fleet (setsid, FLEET_PROC marker, pid file) holds its
+    ports: start stops it before running the new one."""
+    os.makedirs(root.file("run"))
+    env = dict(os.environ, FLEET_PROC=f"{root.path}/svc")
+    old = subprocess.Popen(SLEEPER, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    with open(root.file("run", "svc.pid"), "w") as f:
+        f.write(f"{old.pid}\n")
+    try:
+        state = root.start("svc", *SLEEPER, options=["--grace", "2"])
+        assert old.wait(timeout=10) == -signal.SIGTERM
+        assert int(state["pid"]) != old.pid
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+
+
+def test_the_supervisor_leaves_the_callers_session_lock_and_stdin(root, tmp_path):
+    lock = str(tmp_path / "deploy.lock")
+    # As fleet's host script does: fd 9 holds the deploy lock while start runs.
+    script = f'exec 9>>"$1"; flock -n 9 || exit 9; shift; exec "$@"'
+    proc = subprocess.run(["sh", "-c", script, "sh", lock, HOST_PYTHON, SUPERVISOR, "start", root.path, "svc",
+                           "--", *SLEEPER], capture_output=True, text=True, timeout=30)
+    root.names.add("svc")
+    assert proc.returncode == 0, proc.stderr
+    sup = supervisor.read_pid(root.file("run", "svc.sup"))
+    child = int(fields(proc.stdout)["pid"])
+    for pid in (sup, child):
+        targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert lock not in targets
+        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    with open(f"/proc/{child}/status") as f:
+        ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+    assert not ignored & (1 << (signal.SIGHUP - 1))  # the service gets default signal handling
+    assert os.getsid(sup) == sup != os.getsid(0)
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if anyone still held it
+
+
+def test_the_log_is_rotated_by_size(root):
+    line = "x" * 99
+    command = [sys.executable, "-c", f"for i in range(300): print('{line}', flush=True)\nprint('la' + 'st', flush=True)\n"
+                                     "import time\nwhile True: time.sleep(1)"]
+    root.start("chatty", *command, options=["--log-max-bytes", "2000", "--log-keep", "2"])
+
+    def current_log():
+        try:
+            return root.read("log", "chatty.log")
+        except FileNotFoundError:  # between the rename of a rotation and the new file
+            return ""
+
+    wait_for(lambda: "\nlast\n" in current_log(), what="the last line in the current log")
+    names = sorted(n for n in os.listdir(root.file("log")) if n.startswith("chatty"))
+    assert names == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+    for name in names:
+        st = os.stat(root.file("log", name))
+        assert st.st_size <= 2000
+        assert stat.S_IMODE(st.st_mode) == 0o640
+    for name in os.listdir(root.file("run")):
+        assert stat.S_IMODE(os.stat(root.file("run", name)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(root.file("run")).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("args", [
+    ["start", "/tmp/x", "../etc", "--", "true"],
+    ["start", "relative/root", "svc", "--", "true"],
+    ["start", "/tmp/x", "svc"],
+    ["start", "/tmp/x", "svc", "--grace", "-1", "--", "true"],
+    ["start", "/tmp/x", "svc", "--log-max-bytes", "0", "--", "true"],
+    ["status", "/tmp/x", "svc", "--", "true"],
+])
+def test_bad_arguments_exit_2_with_one_line_and_create_nothing(tmp_path, args):
+    args = [a.replace("/tmp/x", str(tmp_path / "x")) for a in args]
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_supervisor_started_over_ssh_outlives_the_session(lab):
+    host = lab.host("h0")
+    ssh = ["ssh", "-i", lab.client_key, "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+           "-o", "BatchMode=yes", f"root@{host.address}"]
+    remote_root = "/srv/supervised"
+
+    def remote(*args):
+        proc = subprocess.run([*ssh, HOST_PYTHON, SUPERVISOR, *args], capture_output=True, text=True, timeout=60)
+        return fields(proc.stdout), proc
+
+    started, proc = remote("start", remote_root, "svc", "--", "sleep", "600")
+    assert proc.returncode == 0, proc.stderr
+    sup = supervisor.read_pid(os.path.join(host.srv, "supervised", "run", "svc.sup"))
+    try:
+        # The session that started it is over; a new one finds it running and restarts a kill.
+        child = int(started["pid"])
+        assert alive(sup) and alive(child)
+        lab.exec("h0", "kill", "-9", str(child))
+
+        def restarted():
+            state = remote("status", remote_root, "svc")[0]
+            return state if state["state"] == "running" and state["restarts"] == "1" else None
+
+        status = wait_for(restarted, timeout=30, what="a restart seen over ssh")
+        assert status["last_exit"] == "SIGKILL"
+        assert remote("stop", remote_root, "svc", "--grace", "2")[0]["state"] == "stopped"
+        assert not alive(sup)
+    finally:
+        if alive(sup):
+            os.kill(sup, signal.SIGKILL)
+
+
+def test_fleets_inference_service_under_the_supervisor(root, tmp_path):
+    """The real service artifact: restarted after kill -9 and serving again; stop drains it
+    (health NOT_SERVING, then finish) and records a clean exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "inference.yaml"
+    config.write_text(f"servicePort: {port}\nbindAddress: 127.0.0.1\nmodelParallelism: 1\ndrainSeconds: 0.5\n")
+    artifact = artifacts.resolve("builtin:services", ".").path
+    first = int(root.start("inference", sys.executable, artifact, "inference", "-c", str(config))["pid"])
+
+    def serving_pid(other_than=None):
+        state = root.status("inference")[0]
+        if state["state"] != "running" or state["pid"] == str(other_than):
+            return None
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError:
+                return None
+        return int(state["pid"]) if reply.status == health_pb2.HealthCheckResponse.SERVING else None
+
+    assert wait_for(serving_pid, timeout=30, what="the service serving") == first
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: serving_pid(other_than=first), timeout=30, what="the restarted service serving")
+    state = root.stop("inference", grace=15)
+    assert state["last_exit"] == "exit:0"
+    log = root.read("log", "inference.log")
+    assert log.count("draining: health NOT_SERVING") == 1 and log.rstrip().endswith("supervisor: stopped")
