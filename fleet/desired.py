@@ -192,14 +192,14 @@ def _envoy_config(label, directory, args, context, renderer, secrets):
         "cds_config": {"resource_api_version": "V3", "path_config_source": {"path": cds_path}},
     })
     static = dict(bootstrap, static_resources={"listeners": listeners, "clusters": clusters})
-    cds = _content_file(label, cds_path, dump_yaml({"resources": [dict({"@type": _CDS_TYPE}, **c) for c in clusters]}),
+    cds = _content_file(label, cds_path, render.dump_yaml({"resources": [dict({"@type": _CDS_TYPE}, **c) for c in clusters]}),
                         secrets)
-    lds = _content_file(label, lds_path, dump_yaml({"resources": [dict({"@type": _LDS_TYPE}, **l) for l in listeners]}),
+    lds = _content_file(label, lds_path, render.dump_yaml({"resources": [dict({"@type": _LDS_TYPE}, **l) for l in listeners]}),
                         secrets)
-    boot = _content_file(label, posixpath.join(directory, "bootstrap.yaml"), dump_yaml(dynamic), secrets)
+    boot = _content_file(label, posixpath.join(directory, "bootstrap.yaml"), render.dump_yaml(dynamic), secrets)
     # Clusters before listeners so a route never points at a cluster Envoy has not seen; only a
     # bootstrap change needs a restart, LDS/CDS files are picked up by the running Envoy.
-    return [cds, lds, boot], [boot], dump_yaml(static).decode()
+    return [cds, lds, boot], [boot], render.dump_yaml(static).decode()
 
 
 def _yaml(text, name):
@@ -210,13 +210,6 @@ def _yaml(text, name):
     if not isinstance(data, dict):
         raise UsageError("rendered template must be a YAML mapping", path=f"templates/{name}")
     return data
-
-
-def dump_yaml(data):
-    """A config Envoy or a service reads: every string quoted where YAML could take it for
-    something else (Envoy's parser reads an unquoted `n` as false)."""
-    return ("# Rendered by fleet; changes here are overwritten on deploy.\n"
-            + yaml.dump(data, Dumper=render.QuotingDumper, sort_keys=False, default_flow_style=False)).encode()
 
 
 def deploy_order(inventory, services, project):

@@ -4,14 +4,13 @@ Every key is documented in docs/inventory.md; errors name the file, line and key
 """
 
 import ipaddress
-import math
 import os
 import posixpath
 import re
 import sys
 from dataclasses import dataclass, field
 
-from fleet import render, yamlsource
+from fleet import render, rollout, yamlsource
 
 # Host, service, role and process names become file names and log names on hosts.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # whole names: use fullmatch
@@ -72,15 +71,10 @@ class Ingress:
 
 @dataclass(frozen=True)
 class Rollout:
-    """A service's `rollout:` key: how a change restarts its running backends (fleet/rolling.py)."""
+    """A service's `rollout:` key: how a change restarts its running backends (fleet/rollout.py)."""
 
-    batch: object = "25%"  # a number of backends, or "N%" of them (at least one)
+    batch: object = rollout.DEFAULT_BATCH  # a number of backends, or "N%" of them
     healthy_timeout: int = 30  # seconds a restarted batch has to turn healthy in Envoy
-
-    def batch_size(self, backends):
-        if isinstance(self.batch, str):
-            return max(1, math.floor(backends * float(self.batch[:-1]) / 100))
-        return max(1, min(self.batch, backends))
 
 
 @dataclass(frozen=True)
@@ -283,14 +277,10 @@ def _service(source, name, spec, hosts, known_roles):
 def _rollout(source, keys, spec):
     _mapping(source, keys, spec)
     _known_keys(source, keys, spec, ROLLOUT_KEYS)
-    batch = spec.get("batch", Rollout.batch)
-    if isinstance(batch, str):
-        number = batch[:-1]
-        if not (batch.endswith("%") and number.isdigit() and 1 <= int(number) <= 100):
-            raise source.error(keys + ("batch",), f"{batch!r} is neither a number of backends nor a percentage "
-                                                  "like '25%'")
-    elif not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise source.error(keys + ("batch",), f"{batch!r} is not a number of backends (1 or more)")
+    try:
+        batch = rollout.parse_spec({"batch": spec["batch"]} if "batch" in spec else None)
+    except rollout.RolloutError as e:
+        raise source.error(keys + ("batch",), str(e).split(": ", 1)[1]) from None
     timeout = spec.get("healthy_timeout", Rollout.healthy_timeout)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 3600:
         raise source.error(keys + ("healthy_timeout",), f"{timeout!r} is not a number of seconds (1-3600)")

@@ -139,3 +139,10 @@ class Renderer:
             return self._compile(text, where)[0].render(context)
         except jinja2.TemplateError as e:
             raise UsageError(f"cannot render {text!r}: {e}", path=where) from None
+
+
+def dump_yaml(data):
+    """A config Envoy or a service reads: every string quoted where YAML could take it for
+    something else (Envoy's parser reads an unquoted `n` as false)."""
+    return ("# Rendered by fleet; changes here are overwritten on deploy.\n"
+            + yaml.dump(data, Dumper=QuotingDumper, sort_keys=False, default_flow_style=False)).encode()

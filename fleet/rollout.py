@@ -1,6 +1,12 @@
 """Rolling-deploy decisions, as pure functions: which backends restart together, whether the
 next batch may go, and what to do when a batch does not come up. No I/O.
 
+A batch is drained by rewriting the service's cluster file (CDS) with its endpoints marked
+`health_status: DRAINING`: the running Envoy takes the file without a restart, sends no new call
+to them (its admin shows `/eds_status_draining`) and lets the calls in flight finish; then they
+restart, and the normal cluster file brings them back once Envoy's own grpc.health.v1 checks
+pass. runner.py sequences the remote work.
+
 A service's `rollout: {batch: B}` in the inventory: B is a number of backends (>= 1) or a
 percentage of them ("25%", rounded down). Default: 25% - one backend at a time up to 7 backends,
 a quarter of the capacity at most beyond - a batch is at least 1 and, with two or more backends,
@@ -12,12 +18,18 @@ backends. Backends that are already unhealthy restart first, all in one batch: t
 nothing, so restarting them costs no capacity.
 """
 
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+import yaml
+
+from fleet import render
+
 DEFAULT_BATCH = "25%"
 ROLLING, SURGE = "rolling", "surge"
+DRAINING = "DRAINING"
 GO, STOP, ROLLBACK = "go", "stop", "rollback"
 PERCENT = re.compile(r"^([0-9]{1,3})%$")
 
@@ -116,3 +128,25 @@ def after_batch(batch: Sequence[str], results: Dict[str, Optional[str]]) -> Deci
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         return Decision(ROLLBACK, f"{host}: {reason}{more}", tuple(batch))
     return Decision(GO)
+
+
+def cds_path(root, service):
+    """Where the envoy role puts a service's cluster file on its ingress host."""
+    return posixpath.join(root, "envoy", service, "cds.yaml")
+
+
+def drained(cds, addresses):
+    """The cluster file `cds` (bytes) with the endpoints at `addresses` ("host:port") draining."""
+    data = yaml.safe_load(cds)
+    for cluster in data["resources"]:
+        for group in cluster.get("load_assignment", {}).get("endpoints", []):
+            for endpoint in group.get("lb_endpoints", []):
+                socket = endpoint["endpoint"]["address"]["socket_address"]
+                if f"{socket['address']}:{socket['port_value']}" in addresses:
+                    endpoint["health_status"] = DRAINING
+    return render.dump_yaml(data)
+
+
+def backend_tasks(state, service):
+    """Task labels of the service's backend role on this host (not its Envoy)."""
+    return {t for t in state.tasks if t.startswith(f"{service.name}.{service.role}.")}

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, facts, plan, protocol, rolling, ui, verify
+from fleet import commands, connection, facts, plan, protocol, rollout, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
@@ -159,7 +159,7 @@ def deploy(fleet, states, services, inventory, console):
 
     Every host's facts and plan first; then, in parallel, every change except restarts of
     backends that serve behind a running Envoy; then those, batch by batch, each batch drained
-    from Envoy first and back in rotation before the next (fleet/rolling.py)."""
+    from Envoy first and back in rotation before the next (fleet/rollout.py)."""
     listen = {}  # host name -> addresses its Envoys listen on
     for s in services:
         listen.setdefault(s.ingress.host, set()).add(s.ingress.listen_address)
@@ -171,7 +171,7 @@ def deploy(fleet, states, services, inventory, console):
             return list(outcomes.values()), []
         rolls = [(s, _rolling_hosts(s, states, outcomes)) for s in services]
         rolled = {(name, task) for s, hosts in rolls for name in hosts for task in
-                  rolling.backend_tasks(states[name], s)}
+                  rollout.backend_tasks(states[name], s)}
         parallel([o for o in outcomes.values() if o.report is not None],
                  lambda o: _apply(fleet, o, o.plan.without({t for n, t in rolled if n == o.host}), progress))
         for service, hosts in rolls:
@@ -307,22 +307,22 @@ def _roll(fleet, service, hosts, states, outcomes, inventory, progress):
     back in rotation and healthy, next. A batch that fails stops the rollout there (its hosts were
     rolled back by their switch); the remaining backends keep the release they run."""
     ingress = outcomes[service.ingress.host]
-    cds = next(f for f in states[service.ingress.host].files if f.path == rolling.cds_path(
+    cds = next(f for f in states[service.ingress.host].files if f.path == rollout.cds_path(
         states[service.ingress.host].host.root, service.name))
     cluster = envoy_cluster(service)
     address = {b.host: f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends}
-    batches = rolling.batches(hosts, service.rollout)
+    batches = rollout.plan([b.host for b in service.backends], hosts, spec={"batch": service.rollout.batch}).batches
     for number, batch in enumerate(batches, 1):
         label = f"{service.name} rollout {number}/{len(batches)}"
         addresses = {address[h] for h in batch}
         for host in batch:
             progress.step(host, label, Status.RUNNING, "draining from Envoy")
-        problem = _set_cluster(fleet, ingress, cds, rolling.drained(cds.content, addresses)) or _wait_envoy(
+        problem = _set_cluster(fleet, ingress, cds, rollout.drained(cds.content, addresses)) or _wait_envoy(
             fleet, service, cluster, lambda view: all("eds_status_draining" in view.get(a, "") for a in addresses),
             DRAIN_TIMEOUT_SECONDS, "drained")
         if not problem:
             results = parallel(batch, lambda h: _apply(
-                fleet, outcomes[h], outcomes[h].plan.only(rolling.backend_tasks(states[h], service)), progress))
+                fleet, outcomes[h], outcomes[h].plan.only(rollout.backend_tasks(states[h], service)), progress))
             failed = [h for h, ok in zip(batch, results) if not ok]
             # Back in rotation either way: the new version, or the previous one the switch restored.
             problem = _set_cluster(fleet, ingress, cds, cds.content) or _wait_envoy(
@@ -336,7 +336,7 @@ def _roll(fleet, service, hosts, states, outcomes, inventory, progress):
                 if outcomes[host].error is None:
                     outcomes[host].error = f"rollout of {service.name} stopped: {problem}"
             for host in rest:
-                for task in rolling.backend_tasks(states[host], service):
+                for task in rollout.backend_tasks(states[host], service):
                     if outcomes[host].steps.get(task) == Status.CHANGED:
                         outcomes[host].steps[task] = Status.FAILED
                 outcomes[host].error = (f"not restarted: the rollout of {service.name} stopped at batch {number} "
