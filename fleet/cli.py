@@ -154,7 +154,8 @@ def cmd_deploy(args, console, fleet_box):
     for number, (wave, states) in enumerate(waves, 1):
         if len(waves) > 1:
             console.print(f"[bold]wave {number}/{len(waves)}[/]: {', '.join(s.name for s in wave)}")
-        outcomes, checks = runner.deploy(fleet, states, wave, inv, console)
+        outcomes, checks = runner.deploy(fleet, states, wave, inv, console,
+                                         surge_state=lambda service, port: desired.surge_state(inv, service, proj, port))
         names = [s.name for s in wave]
         document["hosts"] += [report.host_outcome(o, number, names) for o in outcomes]
         document["checks"] += [report.check(*c, wave=number) for c in checks]

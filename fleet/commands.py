@@ -304,6 +304,8 @@ def _switch(plan, txid):
             Raw(f"  if start_previous {line(proc.name)}; then"),
             Raw(f"    if {wait} >/dev/null; then echo {line(f'{P.ROLLED_BACK} {proc.name}')}; "
                 f"else echo {line(f'{P.FAIL} {proc.name} the previous version did not come back either')}; fi"),
+            # Nothing ran before: a new process that does not come up must not linger either.
+            Raw(f"  else stop_procs {line(proc.name)}"),
             Raw("  fi"),
             Raw("fi"),
         ]

@@ -1,6 +1,7 @@
 """Desired state: what each host should have after `fleet deploy`, compiled from the inventory,
 the playbook and the roles. Pure: renders on the controller, touches no host."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -79,6 +80,31 @@ def compile_services(inventory, services, project):
                 context = role_context(inventory, service, role, host, play_vars)
                 _apply_role(state, role, service, context, project, base_dir, inventory.secrets)
     return states
+
+
+SURGE_SUFFIX = "-surge"
+
+
+def surge_state(inventory, service, project, port):
+    """A service's single backend once more, beside the running one: its files and process under
+    the name SERVICE-surge, listening on `port`. While the backend restarts, this instance of the
+    new release takes its calls (runner._surge), so one backend also changes without a gap."""
+    backend = service.backends[0]
+    host = inventory.hosts[backend.host]
+    play = next(p for p in project.playbook if p.hosts == "backends")
+    role = project.roles[project.renderer.value(play.role, {"service": service.name, "service_role": service.role},
+                                                "playbooks/deploy.yaml")]
+    original = role_context(inventory, service, role, host, service.vars)
+    twin = dataclasses.replace(service, name=service.name + SURGE_SUFFIX,
+                               backends=(inventory_module.Backend(host=backend.host, port=port),))
+    context = role_context(inventory, twin, role, host, service.vars)
+    # The twin runs the same program: what it runs must not follow its name.
+    context["entry"] = project.renderer.value(original.get("entry", service.name), original,
+                                              f"roles/{role.name}/defaults.yaml")
+    state = HostState(host=host)
+    _apply_role(state, role, twin, context, project, os.path.dirname(os.path.abspath(inventory.path)),
+                inventory.secrets)
+    return state
 
 
 def role_context(inventory, service, role, host, play_vars):

@@ -32,7 +32,7 @@ HOST_DEFAULTS = {
 }
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars", "rollout"}
-ROLLOUT_KEYS = {"batch", "healthy_timeout"}
+ROLLOUT_KEYS = {"batch", "healthy_timeout", "surge_port"}
 BACKEND_KEYS = {"host", "port"}
 INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
 INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
@@ -75,6 +75,7 @@ class Rollout:
 
     batch: object = rollout.DEFAULT_BATCH  # a number of backends, or "N%" of them
     healthy_timeout: int = 30  # seconds a restarted batch has to turn healthy in Envoy
+    surge_port: int | None = None  # a single backend's surge instance (default: port + 10000)
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,8 @@ def _rollout(source, keys, spec):
     timeout = spec.get("healthy_timeout", Rollout.healthy_timeout)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 3600:
         raise source.error(keys + ("healthy_timeout",), f"{timeout!r} is not a number of seconds (1-3600)")
-    return Rollout(batch=batch, healthy_timeout=timeout)
+    surge = _port(source, keys + ("surge_port",), spec["surge_port"]) if "surge_port" in spec else None
+    return Rollout(batch=batch, healthy_timeout=timeout, surge_port=surge)
 
 
 def _check_same_targets(source, hosts):

@@ -18,6 +18,7 @@ backends. Backends that are already unhealthy restart first, all in one batch: t
 nothing, so restarting them costs no capacity.
 """
 
+import copy
 import posixpath
 import re
 from dataclasses import dataclass
@@ -135,16 +136,45 @@ def cds_path(root, service):
     return posixpath.join(root, "envoy", service, "cds.yaml")
 
 
-def drained(cds, addresses):
-    """The cluster file `cds` (bytes) with the endpoints at `addresses` ("host:port") draining."""
-    data = yaml.safe_load(cds)
+def _lb_endpoints(data):
     for cluster in data["resources"]:
         for group in cluster.get("load_assignment", {}).get("endpoints", []):
             for endpoint in group.get("lb_endpoints", []):
                 socket = endpoint["endpoint"]["address"]["socket_address"]
-                if f"{socket['address']}:{socket['port_value']}" in addresses:
-                    endpoint["health_status"] = DRAINING
+                yield f"{socket['address']}:{socket['port_value']}", endpoint
+
+
+def endpoints(cds):
+    """The "host:port" of every endpoint in the cluster file `cds` (bytes)."""
+    return [address for address, _ in _lb_endpoints(yaml.safe_load(cds))]
+
+
+def drained(cds, addresses):
+    """The cluster file `cds` (bytes) with the endpoints at `addresses` ("host:port") draining."""
+    data = yaml.safe_load(cds)
+    for address, endpoint in _lb_endpoints(data):
+        if address in addresses:
+            endpoint["health_status"] = DRAINING
     return render.dump_yaml(data)
+
+
+def surged(cds, backend, surge):
+    """The cluster file with a second endpoint `surge` ("host:port") beside `backend`: a surge
+    instance that takes the backend's calls while it restarts (drain one or the other)."""
+    data = yaml.safe_load(cds)
+    for address, endpoint in list(_lb_endpoints(data)):
+        if address == backend:
+            twin = copy.deepcopy(endpoint)
+            twin["endpoint"]["address"]["socket_address"]["port_value"] = int(surge.rsplit(":", 1)[1])
+            group = next(g for c in data["resources"] for g in c["load_assignment"]["endpoints"]
+                         if endpoint in g["lb_endpoints"])
+            group["lb_endpoints"].append(twin)
+    return render.dump_yaml(data)
+
+
+def surge_port(port):
+    """Where a single backend's surge instance listens unless the inventory says (rollout.surge_port)."""
+    return port + 10000 if port + 10000 <= 65535 else port - 10000
 
 
 def backend_tasks(state, service):

@@ -154,12 +154,13 @@ def parallel(items, fn):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def deploy(fleet, states, services, inventory, console):
+def deploy(fleet, states, services, inventory, console, surge_state=None):
     """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks).
 
     Every host's facts and plan first; then, in parallel, every change except restarts of
     backends that serve behind a running Envoy; then those, batch by batch, each batch drained
-    from Envoy first and back in rotation before the next (fleet/rollout.py)."""
+    from Envoy first and back in rotation before the next (fleet/rollout.py). A service with a
+    single backend surges instead: surge_state(service, port) is its twin's desired state."""
     listen = {}  # host name -> addresses its Envoys listen on
     for s in services:
         listen.setdefault(s.ingress.host, set()).add(s.ingress.listen_address)
@@ -169,13 +170,19 @@ def deploy(fleet, states, services, inventory, console):
                                                                progress))}
         if fleet.options.check:
             return list(outcomes.values()), []
+        removed = [(s, _removed_backends(s, states, outcomes, inventory)) for s in services]
         rolls = [(s, _rolling_hosts(s, states, outcomes)) for s in services]
         rolled = {(name, task) for s, hosts in rolls for name in hosts for task in
                   rollout.backend_tasks(states[name], s)}
         parallel([o for o in outcomes.values() if o.report is not None],
                  lambda o: _apply(fleet, o, o.plan.without({t for n, t in rolled if n == o.host}), progress))
+        for service, gone in removed:
+            if gone:
+                _scale_in(fleet, service, gone, outcomes, inventory)
         for service, hosts in rolls:
-            if hosts:
+            if hosts and len(service.backends) == 1 and surge_state is not None:
+                _surge(fleet, service, hosts[0], states, outcomes, inventory, surge_state, progress)
+            elif hosts:
                 _roll(fleet, service, hosts, states, outcomes, inventory, progress)
         for outcome in outcomes.values():
             if outcome.report is not None:
@@ -258,6 +265,49 @@ def _rolling_hosts(service, states, outcomes):
     return hosts
 
 
+def _removed_backends(service, states, outcomes, inventory):
+    """Backends the service's running Envoy still has that the inventory no longer lists:
+    (address, inventory host name or None), read from the cluster file now on the ingress host."""
+    ingress = outcomes.get(service.ingress.host)
+    if ingress is None or ingress.report is None:
+        return []
+    current = ingress.report.contents.get(rollout.cds_path(states[service.ingress.host].host.root, service.name))
+    if current is None:
+        return []
+    wanted = {f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends}
+    by_address = {h.address: name for name, h in inventory.hosts.items()}
+    return [(a, by_address.get(a.rsplit(":", 1)[0])) for a in rollout.endpoints(current) if a not in wanted]
+
+
+def _scale_in(fleet, service, gone, outcomes, inventory):
+    """Backends removed from the service: out of Envoy first (the new cluster file, applied with
+    the other changes, no longer lists them), then their processes stop gracefully."""
+    cluster = envoy_cluster(service)
+    problem = _wait_envoy(fleet, service, cluster, lambda view: not any(a in view for a, _ in gone),
+                          DRAIN_TIMEOUT_SECONDS, "out of rotation")
+    for address, name in gone:
+        label = f"stop {service.name} (removed from the service)"
+        outcome = outcomes.setdefault(name or address, HostOutcome(host=name or address))
+        if name is None:
+            outcome.error = f"{address} left {service.name}'s Envoy, but no inventory host has that address: " \
+                            f"stop {service.name} there yourself"
+            continue
+        if problem:
+            outcome.steps[label] = Status.FAILED
+            outcome.error = f"{service.name} left running: {problem}"
+            continue
+        link, error = fleet.link(inventory.hosts[name])
+        if link is None:
+            outcome.steps[label], outcome.error = Status.FAILED, error
+            continue
+        try:
+            report = facts.parse(link.shell.run(commands.stop([[service.name]])).output)
+        except connection.ConnectFailed as e:
+            outcome.steps[label], outcome.error = Status.FAILED, fleet.mask(str(e))
+            continue
+        outcome.steps[label] = Status.CHANGED if service.name in report.stopped else Status.OK
+
+
 def _apply(fleet, outcome, host_plan, progress):
     """Applies a plan (or part of one) through the host's session; records what happened."""
     if not host_plan.changed or outcome.error:
@@ -307,8 +357,7 @@ def _roll(fleet, service, hosts, states, outcomes, inventory, progress):
     back in rotation and healthy, next. A batch that fails stops the rollout there (its hosts were
     rolled back by their switch); the remaining backends keep the release they run."""
     ingress = outcomes[service.ingress.host]
-    cds = next(f for f in states[service.ingress.host].files if f.path == rollout.cds_path(
-        states[service.ingress.host].host.root, service.name))
+    cds = _cluster_file(states, service)
     cluster = envoy_cluster(service)
     address = {b.host: f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends}
     batches = rollout.plan([b.host for b in service.backends], hosts, spec={"batch": service.rollout.batch}).batches
@@ -344,6 +393,56 @@ def _roll(fleet, service, hosts, states, outcomes, inventory, progress):
             return
         for host in batch:
             progress.step(host, label, Status.OK, "back in rotation, healthy in Envoy")
+
+
+def _surge(fleet, service, host, states, outcomes, inventory, surge_state, progress):
+    """A single backend restarts behind a twin: SERVICE-surge, the new release on the surge port,
+    takes the calls while the backend drains and restarts; then the twin drains and stops."""
+    ingress, outcome, cds = outcomes[service.ingress.host], outcomes[host], _cluster_file(states, service)
+    cluster, backend = envoy_cluster(service), service.backends[0]
+    port = service.rollout.surge_port or rollout.surge_port(backend.port)
+    address, twin_address = (f"{inventory.hosts[host].address}:{p}" for p in (backend.port, port))
+    twin = surge_state(service, port)
+    twin_name = twin.processes[0].name
+    label = f"{service.name} surge"
+    progress.step(host, label, Status.RUNNING, f"starting {twin_name} on port {port}")
+    twin_outcome = HostOutcome(host=host, shell=outcome.shell)
+    try:
+        twin_report = facts.parse(outcome.shell.run(commands.facts(twin)).output)
+    except connection.ConnectFailed as e:
+        outcome.error = fleet.mask(str(e))
+        return
+    if not _apply(fleet, twin_outcome, plan.plan_host(twin, twin_report, mask=fleet.mask), progress):
+        outcome.logs.update(twin_outcome.logs)
+        outcome.error = f"not restarted: its surge instance {twin_name} did not come up: {twin_outcome.error}"
+        for task in rollout.backend_tasks(states[host], service):
+            if outcome.steps.get(task) == Status.CHANGED:
+                outcome.steps[task] = Status.FAILED
+        return
+    with_twin = rollout.surged(cds.content, address, twin_address)
+    problem = _set_cluster(fleet, ingress, cds, rollout.drained(with_twin, {address})) or _wait_envoy(
+        fleet, service, cluster, lambda v: v.get(twin_address) == "healthy" and "eds_status_draining" in
+        v.get(address, ""), service.rollout.healthy_timeout, "switched to the surge instance")
+    if not problem:
+        _apply(fleet, outcome, outcome.plan.only(rollout.backend_tasks(states[host], service)), progress)
+    # Back to the backend: its new release, or the previous one its switch restored.
+    problem = _set_cluster(fleet, ingress, cds, rollout.drained(with_twin, {twin_address})) or _wait_envoy(
+        fleet, service, cluster, lambda v: v.get(address) == "healthy", service.rollout.healthy_timeout,
+        "back on the backend") or problem
+    try:
+        outcome.shell.run(commands.stop([[twin_name]]))
+    except connection.ConnectFailed as e:
+        problem = problem or fleet.mask(str(e))
+    problem = _set_cluster(fleet, ingress, cds, cds.content) or problem
+    if problem and outcome.error is None:
+        outcome.error = f"surge of {service.name}: {problem}"
+    progress.step(host, label, Status.FAILED if problem else Status.OK, problem or f"{twin_name} stopped")
+
+
+def _cluster_file(states, service):
+    """The desired cluster file (FileSpec) of the service's Envoy."""
+    ingress = states[service.ingress.host]
+    return next(f for f in ingress.files if f.path == rollout.cds_path(ingress.host.root, service.name))
 
 
 def _set_cluster(fleet, ingress, cds, content):

@@ -78,6 +78,20 @@ def test_adding_a_backend_loses_nothing(lab, tmp_path):
     assert "4/4 backends healthy in Envoy" in result.stdout
 
 
+def test_removing_a_backend_drains_then_stops_it_and_loses_nothing(lab, tmp_path):
+    data = inventory(lab, backends=("h1", "h3", "h4"), modelParallelism=3)
+    result, load = deploy_under_load(lab, write_inventory(tmp_path, data))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load.failed == 0, load
+    assert re.search(r"│ h2 .*│ 1 ", result.stdout), result.stdout  # one step changed: the stop
+    assert "3/3 backends healthy in Envoy" in result.stdout
+    assert not os.path.exists(os.path.join(lab.host("h2").srv, "fleet", "run", "inference.pid"))
+    assert ":7073 " not in lab.exec("h2", "netstat", "-tnl")
+    # Back to four backends for what follows.
+    data = inventory(lab, backends=("h1", "h2", "h3", "h4"), modelParallelism=3)
+    assert run_fleet("deploy", "inference", "-i", write_inventory(tmp_path, data, "four.yaml")).returncode == 0
+
+
 def test_a_version_that_never_listens_stops_the_rollout_and_loses_nothing(lab, tmp_path):
     before = {h: pid(lab, h) for h in ("h1", "h2", "h3", "h4")}
     data = inventory(lab, backends=("h1", "h2", "h3", "h4"), modelParallelism=3, command="sleep 300",
@@ -85,12 +99,26 @@ def test_a_version_that_never_listens_stops_the_rollout_and_loses_nothing(lab, t
     result, load = deploy_under_load(lab, write_inventory(tmp_path, data))
     assert result.returncode == 1, result.stdout
     assert load.failed == 0, load
-    assert re.search(r"h1 +apply +failed: inference: not listening on port\(s\) 7073 after 4s", result.stdout), \
+    assert re.search(r"h1 +apply +failed +inference: not listening on port\(s\) 7073 after 4s", result.stdout), \
         result.stdout
     assert "previous version restored and running" in result.stdout
     # h1 serves its previous release again; the later batches were never touched.
     assert config(lab, "h1")["modelParallelism"] == 3
     for host in ("h2", "h3", "h4"):
         assert pid(lab, host) == before[host]
-    assert "not restarted: the rollout of inference stopped at batch 1 (batch 1 failed on h1)" in \
-        " ".join(result.stdout.split()).replace("│ │", "")
+    assert re.search(r"│ h2 .* not restarted: the rollout of inference stopped at batch 1 \(batch 1 failed on h1\)",
+                     result.stdout), result.stdout
+
+
+def test_a_single_backend_changes_behind_a_surge_instance_and_loses_nothing(lab, tmp_path):
+    one = write_inventory(tmp_path, inventory(lab, backends=("h1",), modelParallelism=3), "one.yaml")
+    result, load = deploy_under_load(lab, one)  # scale in to one backend
+    assert result.returncode == 0 and load.failed == 0, result.stdout + str(load)
+    before = pid(lab, "h1")
+    result, load = deploy_under_load(lab, write_inventory(tmp_path, inventory(lab, backends=("h1",),
+                                                                              modelParallelism=2), "two.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load.failed == 0, load
+    assert re.search(r"h1 +inference surge +ok +inference-surge stopped", result.stdout), result.stdout
+    assert pid(lab, "h1") != before and config(lab, "h1")["modelParallelism"] == 2
+    assert ":17073 " not in lab.exec("h1", "netstat", "-tnl")  # the surge instance is gone
