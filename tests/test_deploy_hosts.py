@@ -153,7 +153,7 @@ def test_status_with_limit_does_not_report_the_left_out_ingress(lab, inventory):
 
 def test_limit_selecting_no_host_of_the_service_is_bad_input(lab, inventory, tmp_path):
     data = yaml.safe_load(open(inventory))
-    data["hosts"]["spare"] = dict(data["hosts"]["h1"])  # defined, but serves nothing
+    data["hosts"]["spare"] = dict(data["hosts"]["h1"], root="/srv/spare")  # defined, but serves nothing
     path = write_inventory(tmp_path, data)
     for command in (["deploy", "inference"], ["status", "inference"], ["stop", "inference"]):
         result = run_fleet(*command, "--limit", "spare", "-i", path)
@@ -205,7 +205,8 @@ def test_status_shows_processes_and_envoy_view(lab, inventory):
 
 def test_limit_touches_only_the_named_host(lab, inventory):
     for host in ("h0", "h1"):
-        lab.exec(host, "sh", "-c", "kill $(cat /srv/fleet/run/inference.pid)".replace("/srv", lab.host(host).srv))
+        # SIGKILL: a SIGTERM would start the service's graceful drain, which keeps it alive a while.
+        lab.exec(host, "sh", "-c", "kill -9 $(cat /srv/fleet/run/inference.pid)".replace("/srv", lab.host(host).srv))
     result = run_fleet("deploy", "inference", "--limit", "h1", "-i", inventory)
     assert "inference.inference.process        changed" in result.stdout
     assert "h0 " not in result.stdout.replace("h0:", "")
@@ -217,7 +218,7 @@ def test_limit_touches_only_the_named_host(lab, inventory):
 
 
 def test_status_exits_1_when_a_backend_is_down(lab, inventory):
-    lab.exec("h1", "sh", "-c", f"kill $(cat {lab.host('h1').srv}/fleet/run/inference.pid)")
+    lab.exec("h1", "sh", "-c", f"kill -9 $(cat {lab.host('h1').srv}/fleet/run/inference.pid)")
     result = run_fleet("status", "inference", "--json", "-i", inventory)
     assert result.returncode == 1, result.stdout + result.stderr
     document = json.loads(result.stdout)
