@@ -258,9 +258,10 @@ def _rolling_hosts(service, states, outcomes):
         outcome = outcomes.get(backend.host)
         if outcome is None or outcome.report is None:
             continue
-        found = outcome.report.procs.get(service.name)
-        restarts = {p.name for p in outcome.plan.restarts}
-        if service.name in restarts and found is not None and found.alive:
+        tasks = rollout.backend_tasks(states[backend.host], service)
+        restarting = [p for p in outcome.plan.restarts if p.task in tasks]
+        running = [p for p in restarting if p.name in outcome.report.procs and outcome.report.procs[p.name].alive]
+        if restarting and running == restarting:
             hosts.append(backend.host)
     return hosts
 
