@@ -115,23 +115,6 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     return "\n".join(lines) + "\n"
 
 
-def start_agent(python, source, token, idle):
-    """Replaces this root's agent (fleet/agent.py) by a new one that knows `token`; answers
-    `@@agent PORT`, or nothing if the host's Python cannot run it (then runs keep using SSH
-    commands). The token reaches the agent through a pipe, never a command line."""
-    return "\n".join([
-        'A="$R/.agent"; mkdir -p "$A" "$R/log" && chmod 700 "$A" || exit 0',
-        'old=$(cat "$A/pid" 2>/dev/null); if alive "$old" .agent; then kill "$old"; fi',
-        'rm -f "$A/port"',
-        f"printf '%s\\n' {q(token)} | ( cd \"$R\" && FLEET_PROC=\"$R/.agent\" exec setsid {q(python)} -c {q(source)} "
-        f'"$R" {int(idle)} >> "$R/log/agent.log" 2>&1 9>&- ) &',
-        'echo $! > "$A/pid"',
-        'i=0; while [ ! -s "$A/port" ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done',
-        '[ -s "$A/port" ] && echo "@@agent $(cat "$A/port")"',
-        "exit 0",
-    ]) + "\n"
-
-
 def facts(state):
     """What is on the host now: files, managed file contents, processes, listeners."""
     lines = []

@@ -5,7 +5,6 @@ local: this machine, through /bin/sh, for the embedded default inventory.
 Both run commands.session() and feed it step scripts through a ScriptSession."""
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ import paramiko
 from fleet import commands
 
 
-# paramiko logs refused channels (an agent that is gone) to stderr; fleet reports what matters itself.
+# paramiko logs refused channels to stderr; fleet reports what matters itself.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
@@ -125,8 +124,8 @@ class LocalConnection:
     def __init__(self):
         self.processes = []
 
-    def start_session(self, script, agent=None, shell_slot=None):
-        """(ScriptSession, False): this machine needs no agent, a shell costs nothing here."""
+    def start_session(self, script, shell_slot=None):
+        """A ScriptSession running `script` (a shell costs nothing here: no slot needed)."""
         # A session of its own, as sshd gives: --break-lock can end it as a process group.
         proc = subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -139,7 +138,7 @@ class LocalConnection:
         chunks = iter(lambda: proc.stdout.read1(65536), b"")
         session = ScriptSession(write, proc.stdin.close, chunks, proc.wait)
         session.start()
-        return session, False
+        return session
 
     def open_tcp(self, port):
         return socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -196,15 +195,9 @@ class SSHConnection:
             reason = e.strerror or str(e) or type(e).__name__
             raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {reason}") from None
 
-    def start_session(self, script, agent=None, shell_slot=contextlib.nullcontext()):
-        """(ScriptSession, whether it runs through the host's agent). With `agent` (port, token),
-        the session is started by the agent, through a tunnel, without a login shell; if that
-        agent is gone, by an SSH command as usual, inside `shell_slot` (a context manager that
-        limits how many login shells start at once)."""
-        if agent is not None:
-            session = self._agent_session(script, *agent)
-            if session is not None:
-                return session, True
+    def start_session(self, script, shell_slot=contextlib.nullcontext()):
+        """A ScriptSession running `script` as the one SSH command of the run, started inside
+        `shell_slot` (a context manager that limits how many login shells start at once)."""
         with shell_slot:
             channel = self.client.get_transport().open_session()
             channel.set_combine_stderr(True)
@@ -212,24 +205,6 @@ class SSHConnection:
             chunks = iter(lambda: channel.recv(65536), b"")
             session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, channel.recv_exit_status)
             session.start()
-        return session, False
-
-    def _agent_session(self, script, port, token):
-        try:
-            channel = self.client.get_transport().open_channel("direct-tcpip", ("127.0.0.1", port),
-                                                                ("127.0.0.1", 0), timeout=5)
-            data = script.encode()
-            channel.sendall(f"fleet-agent-1 {token} {len(data)}\n".encode() + data)
-        except (OSError, EOFError, paramiko.SSHException):
-            return None  # no agent there any more
-        chunks = iter(lambda: channel.recv(65536), b"")
-        session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, lambda: None)
-        try:
-            session.start()
-        except Locked:
-            raise
-        except ConnectFailed:
-            return None  # not our agent (another controller replaced it): a new one will be started
         return session
 
     def open_tcp(self, port):
@@ -242,48 +217,3 @@ class SSHConnection:
 
     def close(self):
         self.client.close()
-
-
-class AgentCache:
-    """Port and token of the agent fleet started on each host root, kept on the controller in
-    ~/.cache/fleet/agents.json (mode 0600): the token is what lets a run use that agent."""
-
-    def __init__(self, path=None):
-        cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-        self.path = path or os.path.join(cache, "fleet", "agents.json")
-        self.entries = self._read()
-        self.changed = {}
-        self._lock = threading.Lock()
-
-    def _read(self):
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    @staticmethod
-    def key(host):
-        return f"{host.user}@{host.address}:{host.port}{host.root}"
-
-    def get(self, host, version):
-        entry = self.entries.get(self.key(host))
-        if entry and entry.get("version") == version:
-            return entry["port"], entry["token"]
-        return None
-
-    def put(self, host, version, port, token):
-        with self._lock:
-            self.changed[self.key(host)] = {"port": port, "token": token, "version": version}
-
-    def save(self):
-        if not self.changed:
-            return
-        entries = dict(self._read(), **self.changed)  # keep what other runs wrote meanwhile
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f)
-        os.replace(tmp, self.path)
-        self.changed = {}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from fleet import yamlsource
 
-HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent"}
+HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars"}
 HOST_DEFAULTS = {
     "connection": "ssh",
     "user": "root",
@@ -19,7 +19,6 @@ HOST_DEFAULTS = {
     "root": "/opt/fleet",
     "python": None,  # python3 on ssh hosts; this interpreter for the local connection
     "vars": {},
-    "agent": True,
 }
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars"}
@@ -41,7 +40,6 @@ class Host:
     root: str
     python: str
     vars: dict = field(default_factory=dict, compare=False)  # for every role on this host
-    agent: bool = True  # later runs go through fleet's agent on the host, skipping the login shell
 
 
 @dataclass(frozen=True)
@@ -183,8 +181,6 @@ def _host(source, name, spec, defaults, base):
     if values["key"] is not None:
         _string(source, keys + ("key",), values["key"])
     _mapping(source, keys + ("vars",), values["vars"])
-    if not isinstance(values["agent"], bool):
-        raise source.error(keys + ("agent",), "must be true or false")
 
     def local_path(p):
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
@@ -197,7 +193,7 @@ def _host(source, name, spec, defaults, base):
     return Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
                 port=values["port"], key=local_path(values["key"]) if values["key"] else None,
                 known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"],
-                vars=values["vars"], agent=values["agent"])
+                vars=values["vars"])
 
 
 def _service(source, name, spec, hosts, known_roles):

@@ -2,9 +2,7 @@
 module that sequences remote work; what to run comes from desired/plan/commands."""
 
 import getpass
-import hashlib
 import os
-import secrets
 import socket
 import threading
 import time
@@ -14,9 +12,6 @@ from dataclasses import dataclass, field
 from fleet import commands, connection, facts, plan, ui, verify
 
 MAX_PARALLEL_HOSTS = 128
-AGENT_SOURCE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")).read()
-AGENT_VERSION = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
-AGENT_IDLE_SECONDS = 900
 # Login shells started at once. Where hosts' shells serialise on a shared lock (pyenv or conda
 # init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
 # starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
@@ -76,7 +71,6 @@ class Fleet:
         self.txid = f"{int(time.time())}-{os.getpid()}"
         self.holder = f"{getpass.getuser()}@{socket.gethostname()} txid={self.txid}"
         self._links, self._errors = {}, {}
-        self.agents = connection.AgentCache()
         self._shell_slots = threading.BoundedSemaphore(LOGIN_SHELLS_AT_ONCE)
         self.timings = {}  # run-wide phases -> seconds
 
@@ -89,25 +83,13 @@ class Fleet:
             conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
             script = commands.session(host.root, self.holder, lock=self.options.lock, wait=self.options.wait_lock,
                                       break_lock=self.options.break_lock)
-            use_agent = host.agent and host.connection == "ssh"
-            shell, via_agent = conn.start_session(script, self.agents.get(host, AGENT_VERSION) if use_agent else None,
-                                                  shell_slot=self._shell_slots)
+            shell = conn.start_session(script, shell_slot=self._shell_slots)
             self._links[host.name] = _Link(conn, shell)
-            if use_agent and not via_agent:
-                self._start_agent(host, shell)
         except connection.ConnectFailed as e:
             if conn is not None:
                 conn.close()
             self._errors[host.name] = self.mask(str(e))
         return self._links.get(host.name), self._errors.get(host.name)
-
-    def _start_agent(self, host, shell):
-        """Starts the host's agent inside this session, so the next run needs no login shell."""
-        token = secrets.token_hex(32)
-        result = shell.run(commands.start_agent(host.python, AGENT_SOURCE, token, AGENT_IDLE_SECONDS))
-        started = [line.split()[1] for line in result.output.splitlines() if line.startswith("@@agent ")]
-        if started:
-            self.agents.put(host, AGENT_VERSION, int(started[0]), token)
 
     def connection(self, host_name):
         link = self._links.get(host_name)
@@ -118,7 +100,6 @@ class Fleet:
             link.shell.close()
             link.connection.close()
         self._links.clear()
-        self.agents.save()
 
     def abort(self):
         """Ctrl-C: drop every connection at once; hosts clean up their staging on their own."""
