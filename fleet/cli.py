@@ -134,7 +134,9 @@ def cmd_status(args, console, fleet_box):
     statuses, views = runner.status(fleet, host_states(project, inv, services, limit), services)
     ui.status_report(console, statuses, views)
     healthy = all(s.error is None and all(p.ok for p in s.ports) for s in statuses)
-    return EXIT_OK if healthy else EXIT_FAILED
+    # Envoy unreadable, or a backend out of its rotation, is as unhealthy as a dead process.
+    in_rotation = all(not isinstance(view, str) and all(e.healthy for e in view) for view in views.values())
+    return EXIT_OK if healthy and in_rotation else EXIT_FAILED
 
 
 def cmd_stop(args, console, fleet_box):

@@ -115,6 +115,35 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     return "\n".join(lines) + "\n"
 
 
+_ADMIN_GET = r"""
+import socket, sys, time
+path, target, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline = time.monotonic() + timeout
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(b"GET " + target.encode() + b" HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+        s.settimeout(max(deadline - time.monotonic(), 0.001))
+except OSError as e:
+    sys.exit(f"{path}: {type(e).__name__}: {e.strerror or e}")
+head, _, body = data.partition(b"\r\n\r\n")
+status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+if " 200 " not in status + " ":
+    sys.exit(f"admin answered {status!r}")
+sys.stdout.write(body.decode(errors="replace"))
+"""
+
+
+def envoy_admin_get(python, socket_path, http_path, timeout):
+    """GET http_path from an Envoy admin that listens on a Unix socket, with the host's Python,
+    within `timeout` seconds; prints the body, or exits 1 with one line saying why."""
+    return f"{q(python)} -c {q(_ADMIN_GET)} {q(socket_path)} {q(http_path)} {float(timeout)}\n"
+
+
 def facts(state):
     """What is on the host now: files, managed file contents, processes, listeners."""
     lines = []

@@ -16,6 +16,13 @@ MAX_PARALLEL_HOSTS = 128
 # init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
 # starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
 LOGIN_SHELLS_AT_ONCE = 8
+# Deadlines, so that a host that stops answering (a stopped sshd, session or machine) fails alone,
+# in bounded time, naming itself. Each is generous for a working host.
+SESSION_START_SECONDS = 30  # SSH session, login shell and the lock (plus --wait-lock)
+BREAK_LOCK_SECONDS = 10  # commands.session() waits this long for a broken lock's holder to go
+STEP_SECONDS = 30  # facts, status: files, processes, listeners
+PROCESS_STOP_SECONDS = 10  # commands.stop_proc: TERM, then KILL after 10 s
+MIN_TRANSFER_BYTES_PER_SECOND = 1 << 20  # apply: files are sent at least this fast, or it fails
 
 
 @dataclass
@@ -83,7 +90,8 @@ class Fleet:
             conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
             script = commands.session(host.root, self.holder, lock=self.options.lock, wait=self.options.wait_lock,
                                       break_lock=self.options.break_lock)
-            shell = conn.start_session(script, shell_slot=self._shell_slots)
+            start = SESSION_START_SECONDS + self.options.wait_lock + BREAK_LOCK_SECONDS * self.options.break_lock
+            shell = conn.start_session(script, start, shell_slot=self._shell_slots)
             self._links[host.name] = _Link(conn, shell)
         except connection.ConnectFailed as e:
             if conn is not None:
@@ -91,14 +99,17 @@ class Fleet:
             self._errors[host.name] = self.mask(str(e))
         return self._links.get(host.name), self._errors.get(host.name)
 
-    def connection(self, host_name):
+    def shell(self, host_name):
+        """The host's open session, or None if it was not reached."""
         link = self._links.get(host_name)
-        return link.connection if link else None
+        return link.shell if link else None
 
     def close(self):
-        for link in self._links.values():
+        def close_link(link):  # in parallel: a host that stopped answering costs its bound once
             link.shell.close()
             link.connection.close()
+
+        parallel(list(self._links.values()), close_link)
         self._links.clear()
 
     def abort(self):
@@ -153,7 +164,7 @@ def _deploy_linked(fleet, shell, state, outcome, progress):
     name = state.host.name
     progress.step(name, "facts", "running")
     started = time.perf_counter()
-    result = shell.run(commands.facts(state))
+    result = shell.run(commands.facts(state), STEP_SECONDS, "facts")
     outcome.timings["facts"] = time.perf_counter() - started
     if result.exit_code != 0:
         outcome.error = fleet.mask(f"gathering facts failed (exit {result.exit_code}): {_last_line(result.output)}")
@@ -176,7 +187,8 @@ def _deploy_linked(fleet, shell, state, outcome, progress):
 
         progress.step(name, "apply", "running")
         started = time.perf_counter()
-        result = shell.run(commands.apply(host_plan, fleet.txid), payload=host_plan.payload, on_line=on_line)
+        result = shell.run(commands.apply(host_plan, fleet.txid), apply_seconds(host_plan), "apply",
+                           payload=host_plan.payload, on_line=on_line)
         outcome.timings["apply"] = time.perf_counter() - started
         report = facts.parse(result.output)
         done = dict(report.steps)
@@ -199,17 +211,25 @@ def _deploy_linked(fleet, shell, state, outcome, progress):
                   "; ".join(c.detail for c in bad) or f"{len(outcome.ports)} ports listened on by their processes")
 
 
+def apply_seconds(host_plan):
+    """The apply step's deadline: sending its files at the slowest acceptable rate, then for each
+    restarted process a stop, its start timeout, and the same again should it be rolled back."""
+    transfer = sum(host_plan.size(spec) for _, spec in host_plan.payload) / MIN_TRANSFER_BYTES_PER_SECOND
+    restarts = sum(2 * (PROCESS_STOP_SECONDS + p.start_timeout) for p in host_plan.restarts)
+    return STEP_SECONDS + transfer + restarts
+
+
 def envoy_cluster(service):
     return f"{service.name}_service"
 
 
 def _check_service(fleet, inventory, service):
-    conn = fleet.connection(service.ingress.host)
-    if conn is None:
+    shell = fleet.shell(service.ingress.host)
+    if shell is None:
         return False, f"not checked: its ingress host {service.ingress.host} was not reached"
     expected = [f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends]
-    return verify.check_through_envoy(conn, service, inventory.ingress_address(service), envoy_cluster(service),
-                                      expected)
+    return verify.check_through_envoy(shell, inventory.hosts[service.ingress.host], service,
+                                      inventory.ingress_address(service), envoy_cluster(service), expected)
 
 
 def _last_line(output):
@@ -235,19 +255,20 @@ def _on_each_host(fleet, states, result_type, work):
 def status(fleet, states, services):
     """Process state and listeners per host, and Envoy's view of each service's endpoints."""
     def host_status(shell, state, result):
-        report = facts.parse(shell.run(commands.facts(state)).output)
+        report = facts.parse(shell.run(commands.facts(state), STEP_SECONDS, "status").output)
         result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
         result.ports = verify.check_ports(state, report)
 
     statuses = _on_each_host(fleet, states, HostStatus, host_status)
     views = {}
     for service in services:
-        conn = fleet.connection(service.ingress.host)
+        ingress = service.ingress.host
+        shell = fleet.shell(ingress)
         try:
-            views[service.name] = verify.envoy_endpoints(conn, service.ingress.admin_port, envoy_cluster(service)) \
-                if conn else f"ingress host {service.ingress.host} not reached"
-        except OSError as e:
-            views[service.name] = f"Envoy admin not answering: {e}"
+            views[service.name] = verify.envoy_endpoints(shell, states[ingress].host, service, envoy_cluster(service)) \
+                if shell else f"ingress host {ingress} not reached"
+        except (OSError, connection.ConnectFailed) as e:
+            views[service.name] = fleet.mask(f"Envoy admin on {ingress} not answering: {e}")
     return statuses, views
 
 
@@ -255,7 +276,7 @@ def stop(fleet, states):
     """Stops every process fleet started for these states, Envoy before the backends it fronts."""
     def stop_host(shell, state, outcome):
         names = [p.name for p in reversed(state.processes)]
-        result = shell.run(commands.stop(names))
+        result = shell.run(commands.stop(names), STEP_SECONDS + PROCESS_STOP_SECONDS * len(names), "stop")
         report = facts.parse(result.output)
         for name in names:
             outcome.steps[f"stop {name}"] = "changed" if name in report.stopped else \

@@ -235,6 +235,20 @@ LogLevel VERBOSE
         with open(os.path.join(self.dir, self.host(name).namespace, "sshd.log")) as f:
             return f.read()
 
+    def envoy_admin(self, name, path, service="inference", root="fleet", method="GET"):
+        """Body of a request to an Envoy's admin on host `name`: its Unix socket under the host's
+        /srv is a file this machine's root can open directly, whatever the network namespace."""
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        with sock:
+            sock.connect(os.path.join(self.host(name).srv, root, "envoy", service, "admin.sock"))
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+        head, _, body = data.partition(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
+            raise LabError(f"Envoy admin on {name} answered {head[:100]!r}")
+        return body.decode()
+
     def inventory_hosts(self, root="/srv/fleet"):
         """The `hosts:` mapping of an inventory for these hosts. The hosts share this machine's
         filesystem, so the interpreter running the tests (with grpcio) is root's Python there too;
