@@ -134,6 +134,13 @@ head, _, body = data.partition(b"\r\n\r\n")
 status = head.split(b"\r\n", 1)[0].decode(errors="replace")
 if " 200 " not in status + " ":
     sys.exit(f"admin answered {status!r}")
+if b"transfer-encoding: chunked" in head.lower():
+    chunks = []
+    while (size := int(body.split(b"\r\n", 1)[0].split(b";")[0] or b"0", 16)):
+        rest = body.split(b"\r\n", 1)[1]
+        chunks.append(rest[:size])
+        body = rest[size + 2:]
+    body = b"".join(chunks)
 sys.stdout.write(body.decode(errors="replace"))
 """
 

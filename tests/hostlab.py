@@ -14,6 +14,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from fleet import commands
+
 SUBNET_BASE = "10.213"  # 10.213.<lab>.0/24, a subnet that exists only inside this machine
 # The services' Python for plain logins: Debian's python3 has no grpcio, and root's Python
 # (under /root/.pyenv, mode 0700) is out of their reach. Built once per machine, shared by labs.
@@ -221,6 +223,18 @@ LogLevel VERBOSE
             raise LabError(f"{cmd} on {name}: {proc.stderr.strip()}")
         return proc.stdout
 
+    def processes(self, name):
+        """{pid: argv} of the processes in a host's network namespace. (pkill and friends see
+        every process of the machine, other labs' too: select by namespace first.)"""
+        found = {}
+        for pid in _run("ip", "netns", "pids", self.host(name).namespace).split():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found[int(pid)] = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                pass  # exited meanwhile
+        return found
+
     def stop_sshd(self, name):
         host = self.host(name)
         os.killpg(host.sshd.pid, signal.SIGTERM)
@@ -235,19 +249,11 @@ LogLevel VERBOSE
         with open(os.path.join(self.dir, self.host(name).namespace, "sshd.log")) as f:
             return f.read()
 
-    def envoy_admin(self, name, path, service="inference", root="fleet", method="GET"):
-        """Body of a request to an Envoy's admin on host `name`: its Unix socket under the host's
-        /srv is a file this machine's root can open directly, whatever the network namespace."""
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(10)
-        with sock:
-            sock.connect(os.path.join(self.host(name).srv, root, "envoy", service, "admin.sock"))
-            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
-            data = b"".join(iter(lambda: sock.recv(65536), b""))
-        head, _, body = data.partition(b"\r\n\r\n")
-        if b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
-            raise LabError(f"Envoy admin on {name} answered {head[:100]!r}")
-        return body.decode()
+    def envoy_admin(self, name, path, service="inference", root="fleet"):
+        """Body of a GET from an Envoy's admin on host `name`, by fleet's own step script: its Unix
+        socket under the host's /srv is a file this machine's root can open from any namespace."""
+        socket_path = os.path.join(self.host(name).srv, root, "envoy", service, "admin.sock")
+        return _run("sh", "-c", commands.envoy_admin_get(sys.executable, socket_path, path, 10))
 
     def inventory_hosts(self, root="/srv/fleet"):
         """The `hosts:` mapping of an inventory for these hosts. The hosts share this machine's

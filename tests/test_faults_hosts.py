@@ -289,13 +289,9 @@ def session_pgid_waiting_for_lock(lab, host, wait):
     """Process group of fleet's session on `host` while it waits (`flock -w WAIT`) for the lock."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for pid in lab.exec(host, "ip", "netns", "pids", lab.host(host).namespace).split():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().split(b"\0")[:3] == [b"flock", b"-w", str(wait).encode()]:
-                        return os.getpgid(int(pid))
-            except (OSError, ProcessLookupError):
-                pass
+        for pid, argv in lab.processes(host).items():
+            if argv[:3] == ["flock", "-w", str(wait)]:
+                return os.getpgid(pid)
         time.sleep(0.02)
     raise AssertionError(f"no session waiting for the lock on {host}")
 
@@ -371,7 +367,9 @@ def test_ctrl_c_mid_transfer_leaves_no_partial_file(lab, tmp_path):
 def test_dropped_connection_mid_transfer_leaves_no_partial_file(lab, tmp_path):
     path = cold_inventory(lab, tmp_path, "/srv/cold-b")
     proc = start_and_wait_for_transfer(lab, path, os.path.join(lab.host("h2").srv, "cold-b", ".staging"))
-    lab.exec("h2", "pkill", "-f", "sshd: root@notty")  # the host drops the session
+    for pid, argv in lab.processes("h2").items():  # the host drops the session
+        if " ".join(argv).startswith("sshd: root@notty"):
+            os.kill(pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "connection lost during a step" in out

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import yaml
 
 from fleet import desired, facts, plan
 from tests.conftest import REPO, load_inventory, project, write_inventory
@@ -38,18 +39,19 @@ def test_seed_compiles_to_backends_and_envoy():
                                "-c /opt/fleet/services/inference/config.yaml").format(
         states["node110"].files[0].sha256[:16])
     envoy = states["node109"].processes[1]
-    assert envoy.ports == (8083, 9090)
+    assert envoy.ports == (8083,)  # its admin is a Unix socket
     assert "-c /opt/fleet/envoy/inference/bootstrap.yaml" in envoy.command
 
 
-def test_envoy_config_lists_every_backend_and_binds_admin_to_loopback():
+def test_envoy_config_lists_every_backend_and_puts_admin_on_a_private_socket():
     _, states = compile_seed()
     (label, static), = states["node109"].envoy_validations
     assert "172.168.3.109" in static and "172.168.3.110" in static
     lds = next(f for f in states["node109"].files if f.path.endswith("lds.yaml")).content.decode()
     assert "port_value: 8083" in lds
     bootstrap = next(f for f in states["node109"].files if f.path.endswith("bootstrap.yaml")).content.decode()
-    assert "address: 127.0.0.1" in bootstrap and "port_value: 9090" in bootstrap
+    admin = yaml.safe_load(bootstrap)["admin"]
+    assert admin == {"address": {"pipe": {"path": "/opt/fleet/envoy/inference/admin.sock", "mode": 0o600}}}
 
 
 def test_fresh_host_gets_everything():
