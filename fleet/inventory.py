@@ -23,8 +23,8 @@ HOST_DEFAULTS = {
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars"}
 BACKEND_KEYS = {"host", "port"}
-INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
-INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
+INGRESS_KEYS = {"host", "port", "listen_address", "vars"}
+INGRESS_DEFAULTS = {"listen_address": "0.0.0.0"}
 TOP_KEYS = {"defaults", "hosts", "services"}
 
 
@@ -52,7 +52,6 @@ class Backend:
 class Ingress:
     host: str
     port: int
-    admin_port: int
     listen_address: str
     vars: dict = field(default_factory=dict, compare=False)  # for the envoy role
 
@@ -238,7 +237,6 @@ def _service(source, name, spec, hosts, known_roles):
     ingress_vars = values.get("vars", {})
     _mapping(source, ikeys + ("vars",), ingress_vars)
     ingress = Ingress(host=values["host"], port=_port(source, ikeys + ("port",), values["port"]),
-                      admin_port=_port(source, ikeys + ("admin_port",), values["admin_port"]),
                       listen_address=values["listen_address"], vars=ingress_vars)
     service_vars = spec.get("vars", {})
     _mapping(source, keys + ("vars",), service_vars)
@@ -253,7 +251,6 @@ def _check_port_conflicts(source, services):
         claims = [((b.host, b.port), keys + ("backends", i), f"{name} backend") for i, b in enumerate(service.backends)]
         ingress = service.ingress
         claims.append(((ingress.host, ingress.port), keys + ("ingress", "port"), f"{name} Envoy listener"))
-        claims.append(((ingress.host, ingress.admin_port), keys + ("ingress", "admin_port"), f"{name} Envoy admin"))
         for slot, where, what in claims:
             if slot in taken:
                 raise source.error(where, f"port {slot[1]} on host {slot[0]} is already taken by {taken[slot]}")

@@ -84,7 +84,7 @@ def test_second_deploy_changes_nothing_and_says_so(lab, inventory):
 
 
 def test_check_shows_the_diff_and_touches_nothing(lab, inventory, tmp_path):
-    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+    changed = open(inventory).read().replace("      port: 8083", "      port: 8083\n      vars:\n"
                                              "        health_check_interval: 3s")
     path = tmp_path / "inventory.yaml"
     path.write_text(changed)
@@ -98,7 +98,7 @@ def test_check_shows_the_diff_and_touches_nothing(lab, inventory, tmp_path):
 
 
 def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
-    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+    changed = open(inventory).read().replace("      port: 8083", "      port: 8083\n      vars:\n"
                                              "        health_check_interval: 3s")
     path = tmp_path / "inventory.yaml"
     path.write_text(changed)

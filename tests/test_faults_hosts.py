@@ -328,7 +328,7 @@ def test_a_stopped_host_session_fails_that_host_in_bounded_time(lab, base):
 def cold_inventory(lab, tmp_path, root):
     """inference alone on h2 under a fresh root: a cold deploy that sends the 107 MB Envoy binary."""
     data = {"hosts": lab.inventory_hosts(root=root), "services": {"inference": {
-        "port": 7073, "backends": ["h2"], "ingress": {"host": "h2", "port": 8083, "admin_port": 9090}}}}
+        "port": 7073, "backends": ["h2"], "ingress": {"host": "h2", "port": 8083}}}}
     return write_inventory(tmp_path, data, name=f"cold-{os.path.basename(root)}.yaml")
 
 
@@ -458,7 +458,7 @@ def redis_with_password(lab):
 
 def test_secrets_never_appear_in_output(lab, tmp_path, redis_with_password, monkeypatch):
     data = {"hosts": lab.inventory_hosts(), "services": {"feature": {
-        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082, "admin_port": 9093},
+        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082},
         "vars": {"redisUrl": {"env": "FLEET_TEST_REDIS_URL"}}}}}
     path = variant(tmp_path, data)
     monkeypatch.setenv("FLEET_TEST_REDIS_URL", redis_with_password)

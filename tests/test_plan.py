@@ -85,7 +85,7 @@ def test_config_change_restarts_the_service_with_a_diff(tmp_path):
     _, states = compile_seed()
     old = states["node110"]
     report = report_matching(old)
-    text = open(SEED).read().replace("      admin_port: 9090", "      admin_port: 9090\n    vars:\n      modelParallelism: 8")
+    text = open(SEED).read().replace("      port: 8083\n", "      port: 8083\n    vars:\n      modelParallelism: 8\n")
     _, new_states = compile_seed(write_text(tmp_path, text))
     p = plan.plan_host(new_states["node110"], report)
     assert [s.path for s in p.send] == ["/opt/fleet/services/inference/config.yaml"]
@@ -110,7 +110,7 @@ def test_friesian_jar_deploys_with_java_command(tmp_path):
     inv = {
         "hosts": {"a": {"address": "10.9.9.9"}},
         "services": {"inference": {
-            "port": 7073, "backends": ["a"], "ingress": {"host": "a", "port": 8083, "admin_port": 9090},
+            "port": 7073, "backends": ["a"], "ingress": {"host": "a", "port": 8083},
             "vars": {
                 "artifact": str(jar),
                 "command": "java -cp {{ artifact_path }} "
@@ -172,8 +172,8 @@ def test_missing_dependency_names_the_service(tmp_path):
 
 
 def test_dependency_cycle_is_refused(tmp_path):
-    text = open(SEED).read().replace("    ingress: {host: node111, port: 8082, admin_port: 9090}",
-                                     "    ingress: {host: node111, port: 8082, admin_port: 9090}\n"
+    text = open(SEED).read().replace("    ingress: {host: node111, port: 8082}",
+                                     "    ingress: {host: node111, port: 8082}\n"
                                      "    vars: {depends_on: [recommender]}")
     inv = load_inventory(write_text(tmp_path, text))
     with pytest.raises(Exception, match="cycle: feature, recommender"):
