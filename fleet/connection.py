@@ -226,6 +226,10 @@ class SSHConnection:
             if "not found in known_hosts" in str(e):
                 raise ConnectFailed(f"unknown host key: {host.address} is not in {host.known_hosts} "
                                     "(add it, or pass --accept-new-host-keys to trust it on first contact)") from None
+            transport = self.client.get_transport()
+            if transport is None or not transport.remote_version:  # a port that accepts but says nothing
+                raise ConnectFailed(f"unreachable: {host.address}:{host.port}: no SSH greeting within "
+                                    f"{timeout:.0f} s") from None
             raise ConnectFailed(f"ssh error: {e}") from None
         except paramiko.ssh_exception.NoValidConnectionsError as e:
             reasons = sorted({err.strerror or str(err) for err in e.errors.values()})

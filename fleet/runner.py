@@ -263,6 +263,8 @@ def status(fleet, states, services):
     views = {}
     for service in services:
         ingress = service.ingress.host
+        if ingress not in states:
+            continue  # --limit left its Envoy out
         shell = fleet.shell(ingress)
         try:
             views[service.name] = verify.envoy_endpoints(shell, states[ingress].host, service, envoy_cluster(service)) \

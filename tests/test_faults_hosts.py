@@ -285,6 +285,21 @@ def test_a_stopped_envoy_fails_status_and_deploy_in_bounded_time(lab, base):
     assert run_fleet("deploy", "inference", "-i", base).returncode == 0
 
 
+def test_a_stopped_sshd_fails_that_host_and_status_names_it(lab, base):
+    sshd = lab.host("h1").sshd.pid
+    os.kill(sshd, signal.SIGSTOP)  # connections are accepted by the kernel, but no banner comes
+    try:
+        status = run_fleet("status", "inference", "-i", base, timeout=120)  # a safety net, not a timing
+        assert status.returncode == 1
+        assert re.search(r"│ h1 +│ - +│ unreachable", status.stdout), status.stdout
+        assert "no SSH greeting within 10 s" in status.stdout, status.stdout
+        assert re.search(r"│ h0 +│ envoy-inference +│ running", status.stdout)
+        limited = run_fleet("status", "inference", "--limit", "h0", "-i", base, timeout=120)
+        assert limited.returncode == 0, limited.stdout  # h1 left out: its state is not asked for
+    finally:
+        os.kill(sshd, signal.SIGCONT)
+
+
 def session_pgid_waiting_for_lock(lab, host, wait):
     """Process group of fleet's session on `host` while it waits (`flock -w WAIT`) for the lock."""
     deadline = time.monotonic() + 30
