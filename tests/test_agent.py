@@ -29,7 +29,8 @@ def test_no_listener_of_fleet_is_left_on_a_host(lab, tmp_path):
         strangers = {port: pid for port, pid in listeners(lab, host.name).items()
                      if port != 22 and pid not in deployed}
         assert strangers == {}, f"{host.name}: listeners not deployed by the inventory: {strangers}"
-    assert run_fleet("stop", "inference", "-i", path).returncode == 0
+    stop = run_fleet("stop", "inference", "-i", path)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
 
 
 def test_the_agent_key_is_refused(lab, tmp_path):

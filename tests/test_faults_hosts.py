@@ -65,7 +65,8 @@ def test_unreachable_host_is_reported_and_the_others_proceed(lab, base):
         assert re.search(r"│ h0 +│ \d+ +│ 0 +│ 0 +│ 2/2", result.stdout)  # h0 was deployed and verified
     finally:
         lab.start_sshd("h1")
-    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+    again = run_fleet("deploy", "inference", "-i", base)
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_refused_key_is_reported(lab, base, tmp_path):
