@@ -44,7 +44,7 @@ def timed(cmd, env=None, cwd=REPO):
 def fleet_inventory(lab, directory, parallelism):
     backends = [h.name for h in lab.hosts[1:]]
     data = {"hosts": lab.inventory_hosts(root="/srv/fleet"), "services": {"inference": {
-        "port": 7073, "backends": backends, "ingress": {"host": "h0", "port": 8083, "admin_port": 9090},
+        "port": 7073, "backends": backends, "ingress": {"host": "h0", "port": 8083},
         "vars": {"modelParallelism": parallelism}}}}
     path = os.path.join(directory, f"fleet-{parallelism}.yaml")
     with open(path, "w") as f:

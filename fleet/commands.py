@@ -179,21 +179,40 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     return script(*lines)
 
 
-def start_agent(python, source, token, idle):
-    """Replaces this root's agent (fleet/agent.py) by a new one that knows `token`; answers
-    `@@agent PORT`, or nothing if the host's Python cannot run it (then runs keep using SSH
-    commands). The token reaches the agent through a pipe, never a command line."""
-    return "\n".join([
-        'A="$R/.agent"; mkdir -p "$A" "$R/log" && chmod 700 "$A" || exit 0',
-        'old=$(cat "$A/pid" 2>/dev/null); if alive "$old" .agent; then kill "$old"; fi',
-        'rm -f "$A/port"',
-        f"printf '%s\\n' {line(token)} | ( cd \"$R\" && FLEET_PROC=\"$R/.agent\" exec setsid {line(python)} -c {line(source)} "
-        f'"$R" {int(idle)} >> "$R/log/agent.log" 2>&1 9>&- ) &',
-        'echo $! > "$A/pid"',
-        'i=0; while [ ! -s "$A/port" ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done',
-        '[ -s "$A/port" ] && echo "@@agent $(cat "$A/port")"',
-        "exit 0",
-    ]) + "\n"
+_ADMIN_GET = r"""
+import socket, sys, time
+path, target, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline = time.monotonic() + timeout
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(b"GET " + target.encode() + b" HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+        s.settimeout(max(deadline - time.monotonic(), 0.001))
+except OSError as e:
+    sys.exit(f"{path}: {type(e).__name__}: {e.strerror or e}")
+head, _, body = data.partition(b"\r\n\r\n")
+status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+if " 200 " not in status + " ":
+    sys.exit(f"admin answered {status!r}")
+if b"transfer-encoding: chunked" in head.lower():
+    chunks = []
+    while (size := int(body.split(b"\r\n", 1)[0].split(b";")[0] or b"0", 16)):
+        rest = body.split(b"\r\n", 1)[1]
+        chunks.append(rest[:size])
+        body = rest[size + 2:]
+    body = b"".join(chunks)
+sys.stdout.write(body.decode(errors="replace"))
+"""
+
+
+def envoy_admin_get(python, socket_path, http_path, timeout):
+    """GET http_path from an Envoy admin that listens on a Unix socket, with the host's Python,
+    within `timeout` seconds; prints the body, or exits 1 with one line saying why."""
+    return script(line(python, "-c", _ADMIN_GET, socket_path, http_path, float(timeout)))
 
 
 def facts(state, recover=True):

@@ -1,16 +1,16 @@
 """Connectors: how fleet reaches a host. The only module that talks to hosts.
 
-ssh: one paramiko connection per host, reused for the run's one shell session and its tunnels.
+ssh: one paramiko connection per host, for the run's one shell session.
 local: this machine, through /bin/sh, for the embedded default inventory.
 Both run commands.session() and feed it step scripts through a ScriptSession."""
 
 import contextlib
-import json
 import logging
 import os
-import socket
+import select
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 
 import paramiko
@@ -18,7 +18,7 @@ import paramiko
 from fleet import protocol
 
 
-# paramiko logs refused channels (an agent that is gone) to stderr; fleet reports what matters itself.
+# paramiko logs refused channels to stderr; fleet reports what matters itself.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
@@ -43,34 +43,48 @@ def connect(host, accept_new_host_keys=False, timeout=10.0):
     return SSHConnection(host, accept_new_host_keys, timeout)
 
 
+# How long closing a session may take (end of input, the shell exits, the lock is released)
+# before fleet stops waiting for it.
+CLOSE_SECONDS = 10.0
+
+
 class ScriptSession:
     """A running commands.session(): send a step script (and the files it receives), read its
-    output up to protocol.DONE. One step at a time."""
+    output up to protocol.DONE. One step at a time, each within a deadline: a host whose session,
+    sshd or machine stops answering fails that step (ConnectFailed) instead of hanging the run.
 
-    def __init__(self, write, close_write, chunks, exit_status):
-        self._write, self._close_write, self._exit_status = write, close_write, exit_status
-        self._lines = _lines(chunks)
+    recv(timeout) returns the next bytes of output (b"" at its end) or raises TimeoutError."""
+
+    def __init__(self, write, close_write, recv, exit_status):
+        self._write, self._close_write, self._recv, self._exit_status = write, close_write, recv, exit_status
+        self._pending, self._ended = b"", False
         self.closed = False
+        self.failure = None  # why the session can no longer be used, once a deadline passed
 
-    def start(self):
+    def start(self, timeout):
         """Waits for the session to hold the lock; raises ConnectFailed naming the holder if not."""
         seen = []
-        for line in self._lines:
+        deadline = time.monotonic() + timeout
+        while (line := self._line(deadline, timeout, "start of the session")) is not None:
             if line == protocol.READY:
                 return
             seen.append(line)
             if line.startswith(protocol.LOCKED + " "):
                 raise Locked(f"locked by another deploy: {line[len(protocol.LOCKED) + 1:] or 'holder unknown'} "
-                                    "(--wait-lock SECONDS to wait, --break-lock if it is stale)")
+                             "(--wait-lock SECONDS to wait, --break-lock if it is stale)")
         raise ConnectFailed(f"remote session ended: {_last(seen)}")
 
-    def run(self, script, payload=(), on_line=None, on_bytes=None):
+    def run(self, script, timeout, what, payload=(), on_line=None, on_bytes=None):
+        """Runs one step script; `what` names the step in the error if it takes over `timeout` s."""
+        if self.failure:
+            raise ConnectFailed(self.failure)
+        deadline = time.monotonic() + timeout
         self._write(protocol.frame(script))
         error = []
         feeder = threading.Thread(target=self._send_files, args=(payload, error, on_bytes), daemon=True)
         feeder.start()
         output = []
-        for line in self._lines:
+        while (line := self._line(deadline, timeout, what)) is not None:
             code = protocol.done_code(line)
             if code is not None:
                 feeder.join()
@@ -78,8 +92,30 @@ class ScriptSession:
             output.append(line)
             if on_line:
                 on_line(line)
-        feeder.join()
+        feeder.join(timeout=CLOSE_SECONDS)
         raise ConnectFailed(f"connection lost during a step: {error[0] if error else _last(output)}")
+
+    def _line(self, deadline, timeout, what):
+        """The next output line, or None at the end of the output."""
+        while b"\n" not in self._pending:
+            if self._ended:
+                line, self._pending = self._pending, b""
+                return line.decode(errors="replace") if line else None
+            try:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                data = self._recv(remaining)
+            except TimeoutError:
+                # The stream is now mid-step: nothing more can be run on it.
+                self.failure = f"no answer from the host session within {timeout:.0f} s ({what})"
+                raise ConnectFailed(self.failure) from None
+            except (OSError, EOFError, paramiko.SSHException):
+                data = b""
+            self._ended = not data
+            self._pending += data
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode(errors="replace")
 
     def _send_files(self, payload, error, on_bytes=None):
         """on_bytes(count), if given, after each block of a file artifact (progress of large ones)."""
@@ -97,27 +133,21 @@ class ScriptSession:
             error.append(str(e) or type(e).__name__)
 
     def close(self):
-        """Ends the session (releasing the lock) and waits for it to exit."""
-        if not self.closed:
-            self.closed = True
-            try:
-                self._close_write()
-                for _ in self._lines:
-                    pass
-            except (OSError, EOFError, paramiko.SSHException):
+        """Ends the session (releasing the lock) and waits, boundedly, for it to exit: its exit
+        code, or None if it did not end in time (a session that failed a deadline is not waited for)."""
+        if self.closed:
+            return None
+        self.closed = True
+        if self.failure:
+            return None
+        try:
+            self._close_write()
+            deadline = time.monotonic() + CLOSE_SECONDS
+            while self._line(deadline, CLOSE_SECONDS, "end of the session") is not None:
                 pass
-            return self._exit_status()
-
-
-def _lines(chunks):
-    pending = b""
-    for data in chunks:
-        pending += data
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.decode(errors="replace")
-    if pending:
-        yield pending.decode(errors="replace")
+        except (OSError, EOFError, paramiko.SSHException, ConnectFailed):
+            return None
+        return self._exit_status()
 
 
 def _last(lines):
@@ -130,8 +160,8 @@ class LocalConnection:
         self.shell = shell
         self.processes = []
 
-    def start_session(self, script, agent=None, shell_slot=None):
-        """(ScriptSession, False): this machine needs no agent, a shell costs nothing here."""
+    def start_session(self, script, timeout, shell_slot=None):
+        """A ScriptSession running `script` (a shell costs nothing here: no slot needed)."""
         # A session of its own, as sshd gives: --break-lock can end it as a process group.
         proc = subprocess.Popen([self.shell, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -141,13 +171,21 @@ class LocalConnection:
             proc.stdin.write(data)
             proc.stdin.flush()
 
-        chunks = iter(lambda: proc.stdout.read1(65536), b"")
-        session = ScriptSession(write, proc.stdin.close, chunks, proc.wait)
-        session.start()
-        return session, False
+        def recv(timeout):
+            # The raw descriptor, not the buffered reader: select() must see every byte not yet read.
+            if not select.select([proc.stdout], [], [], timeout)[0]:
+                raise TimeoutError
+            return os.read(proc.stdout.fileno(), 65536)
 
-    def open_tcp(self, port):
-        return socket.create_connection(("127.0.0.1", port), timeout=5)
+        def exit_status():
+            try:
+                return proc.wait(timeout=CLOSE_SECONDS)
+            except subprocess.TimeoutExpired:
+                return None
+
+        session = ScriptSession(write, proc.stdin.close, recv, exit_status)
+        session.start(timeout)
+        return session
 
     def close(self):
         for proc in self.processes:
@@ -198,6 +236,10 @@ class SSHConnection:
             if "not found in known_hosts" in str(e):
                 raise ConnectFailed(f"unknown host key: {host.address} is not in {host.known_hosts} "
                                     "(add it, or pass --accept-new-host-keys to trust it on first contact)") from None
+            transport = self.client.get_transport()
+            if transport is None or not transport.remote_version:  # a port that accepts but says nothing
+                raise ConnectFailed(f"unreachable: {host.address}:{host.port}: no SSH greeting within "
+                                    f"{timeout:.0f} s") from None
             raise ConnectFailed(f"ssh error: {e}") from None
         except paramiko.ssh_exception.NoValidConnectionsError as e:
             reasons = sorted({err.strerror or str(err) for err in e.errors.values()})
@@ -206,94 +248,35 @@ class SSHConnection:
             reason = e.strerror or str(e) or type(e).__name__
             raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {reason}") from None
 
-    def start_session(self, script, agent=None, shell_slot=contextlib.nullcontext()):
-        """(ScriptSession, whether it runs through the host's agent). With `agent` (port, token),
-        the session is started by the agent, through a tunnel, without a login shell; if that
-        agent is gone, by an SSH command as usual, inside `shell_slot` (a context manager that
-        limits how many login shells start at once)."""
-        if agent is not None:
-            session = self._agent_session(script, *agent)
-            if session is not None:
-                return session, True
+    def start_session(self, script, timeout, shell_slot=contextlib.nullcontext()):
+        """A ScriptSession running `script` as the one SSH command of the run, started inside
+        `shell_slot` (a context manager that limits how many login shells start at once); it
+        must be ready (holding the lock) within `timeout` seconds."""
         with shell_slot:
-            channel = self.client.get_transport().open_session()
-            channel.set_combine_stderr(True)
-            channel.exec_command(script)
-            chunks = iter(lambda: channel.recv(65536), b"")
-            session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, channel.recv_exit_status)
-            session.start()
-        return session, False
+            try:
+                channel = self.client.get_transport().open_session(timeout=timeout)
+                # exec_command waits for sshd's answer without a deadline of its own: a stopped
+                # sshd would hold it forever, so a timer closes the channel, which wakes it.
+                watchdog = threading.Timer(timeout, channel.close)
+                watchdog.start()
+                try:
+                    channel.set_combine_stderr(True)
+                    channel.exec_command(script)
+                finally:
+                    watchdog.cancel()
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                raise ConnectFailed(f"no session from sshd within {timeout:.0f} s: {e or type(e).__name__}") from None
 
-    def _agent_session(self, script, port, token):
-        try:
-            channel = self.client.get_transport().open_channel("direct-tcpip", ("127.0.0.1", port),
-                                                                ("127.0.0.1", 0), timeout=5)
-            data = script.encode()
-            channel.sendall(f"fleet-agent-1 {token} {len(data)}\n".encode() + data)
-        except (OSError, EOFError, paramiko.SSHException):
-            return None  # no agent there any more
-        chunks = iter(lambda: channel.recv(65536), b"")
-        session = ScriptSession(channel.sendall, channel.shutdown_write, chunks, lambda: None)
-        try:
-            session.start()
-        except Locked:
-            raise
-        except ConnectFailed:
-            return None  # not our agent (another controller replaced it): a new one will be started
+            def recv(remaining):
+                channel.settimeout(remaining)
+                return channel.recv(65536)
+
+            def exit_status():
+                return channel.recv_exit_status() if channel.status_event.wait(CLOSE_SECONDS) else None
+
+            session = ScriptSession(channel.sendall, channel.shutdown_write, recv, exit_status)
+            session.start(timeout)
         return session
-
-    def open_tcp(self, port):
-        """A channel to 127.0.0.1:port as seen from the host (its admin interfaces bind there)."""
-        try:
-            return self.client.get_transport().open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0),
-                                                             timeout=5)
-        except paramiko.SSHException as e:
-            raise OSError(f"tunnel to 127.0.0.1:{port} on {self.host.name} refused: {e}") from None
 
     def close(self):
         self.client.close()
-
-
-class AgentCache:
-    """Port and token of the agent fleet started on each host root, kept on the controller in
-    ~/.cache/fleet/agents.json (mode 0600): the token is what lets a run use that agent."""
-
-    def __init__(self, path=None):
-        cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-        self.path = path or os.path.join(cache, "fleet", "agents.json")
-        self.entries = self._read()
-        self.changed = {}
-        self._lock = threading.Lock()
-
-    def _read(self):
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    @staticmethod
-    def key(host):
-        return f"{host.user}@{host.address}:{host.port}{host.root}"
-
-    def get(self, host, version):
-        entry = self.entries.get(self.key(host))
-        if entry and entry.get("version") == version:
-            return entry["port"], entry["token"]
-        return None
-
-    def put(self, host, version, port, token):
-        with self._lock:
-            self.changed[self.key(host)] = {"port": port, "token": token, "version": version}
-
-    def save(self):
-        if not self.changed:
-            return
-        entries = dict(self._read(), **self.changed)  # keep what other runs wrote meanwhile
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f)
-        os.replace(tmp, self.path)
-        self.changed = {}

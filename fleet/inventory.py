@@ -18,7 +18,7 @@ NAME_RULE = "letters, digits, '_', '.', '-', not starting with '.'"
 _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent"}
+HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars"}
 HOST_DEFAULTS = {
     "connection": "ssh",
     "user": "root",
@@ -28,14 +28,13 @@ HOST_DEFAULTS = {
     "root": "/opt/fleet",
     "python": None,  # python3 on ssh hosts; this interpreter for the local connection
     "vars": {},
-    "agent": True,
 }
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars", "rollout"}
 ROLLOUT_KEYS = {"batch", "healthy_timeout", "surge_port"}
 BACKEND_KEYS = {"host", "port"}
-INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
-INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
+INGRESS_KEYS = {"host", "port", "listen_address", "vars"}
+INGRESS_DEFAULTS = {"listen_address": "0.0.0.0"}
 TOP_KEYS = {"defaults", "hosts", "services"}
 
 
@@ -51,7 +50,6 @@ class Host:
     root: str
     python: str
     vars: dict = field(default_factory=dict, compare=False)  # for every role on this host
-    agent: bool = True  # later runs go through fleet's agent on the host, skipping the login shell
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,6 @@ class Backend:
 class Ingress:
     host: str
     port: int
-    admin_port: int
     listen_address: str
     vars: dict = field(default_factory=dict, compare=False)  # for the envoy role
 
@@ -208,8 +205,6 @@ def _host(source, name, spec, defaults, base):
     if values["key"] is not None:
         _string(source, keys + ("key",), values["key"])
     _mapping(source, keys + ("vars",), values["vars"])
-    if not isinstance(values["agent"], bool):
-        raise source.error(keys + ("agent",), "must be true or false")
 
     def local_path(p):
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
@@ -221,7 +216,7 @@ def _host(source, name, spec, defaults, base):
     return Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
                 port=values["port"], key=local_path(values["key"]) if values["key"] else None,
                 known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"],
-                vars=values["vars"], agent=values["agent"])
+                vars=values["vars"])
 
 
 def _service(source, name, spec, hosts, known_roles):
@@ -267,7 +262,6 @@ def _service(source, name, spec, hosts, known_roles):
     ingress_vars = values.get("vars", {})
     _mapping(source, ikeys + ("vars",), ingress_vars)
     ingress = Ingress(host=values["host"], port=_port(source, ikeys + ("port",), values["port"]),
-                      admin_port=_port(source, ikeys + ("admin_port",), values["admin_port"]),
                       listen_address=values["listen_address"], vars=ingress_vars)
     service_vars = spec.get("vars", {})
     _mapping(source, keys + ("vars",), service_vars)
@@ -310,7 +304,6 @@ def _check_port_conflicts(source, services, hosts):
         claims = [(b.host, b.port, keys + ("backends", i), f"{name} backend") for i, b in enumerate(service.backends)]
         ingress = service.ingress
         claims.append((ingress.host, ingress.port, keys + ("ingress", "port"), f"{name} Envoy listener"))
-        claims.append((ingress.host, ingress.admin_port, keys + ("ingress", "admin_port"), f"{name} Envoy admin"))
         for host, port, where, what in claims:
             slot = (_canonical_address(hosts[host].address), port)
             if slot in taken:

@@ -3,9 +3,7 @@ module that sequences remote work; what to run comes from desired/plan/commands.
 
 import dataclasses
 import getpass
-import hashlib
 import os
-import secrets
 import socket
 import threading
 import time
@@ -16,15 +14,19 @@ from fleet import commands, connection, facts, plan, protocol, rollout, ui, veri
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
-AGENT_SOURCE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")).read()
-AGENT_VERSION = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
-AGENT_IDLE_SECONDS = 900
 # Login shells started at once. Where hosts' shells serialise on a shared lock (pyenv or conda
 # init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
 # starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
 LOGIN_SHELLS_AT_ONCE = 8
 # Seconds Envoy has to show a batch as draining after its cluster file changed (it reloads at once).
 DRAIN_TIMEOUT_SECONDS = 15
+# Deadlines, so that a host that stops answering (a stopped sshd, session or machine) fails alone,
+# in bounded time, naming itself. Each is generous for a working host.
+SESSION_START_SECONDS = 30  # SSH session, login shell and the lock (plus --wait-lock)
+BREAK_LOCK_SECONDS = 10  # commands.session() waits this long for a broken lock's holder to go
+STEP_SECONDS = 30  # facts, status: files, processes, listeners
+PROCESS_STOP_SECONDS = 10  # commands.stop_proc: TERM, then KILL after 10 s
+MIN_TRANSFER_BYTES_PER_SECOND = 1 << 20  # apply: files are sent at least this fast, or it fails
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Options:
 class _Link:
     connection: object
     shell: object  # connection.ScriptSession
+    host: object  # inventory.Host
 
 
 class Fleet:
@@ -83,7 +86,6 @@ class Fleet:
         self.holder = f"{getpass.getuser()}@{socket.gethostname()} txid={self.txid}"
         self._links, self._errors = {}, {}
         self.locked = {}  # host name -> why: another run holds its deploy lock
-        self.agents = connection.AgentCache()
         self._shell_slots = threading.BoundedSemaphore(LOGIN_SHELLS_AT_ONCE)
         self.timings = {}  # run-wide phases -> seconds
 
@@ -96,12 +98,9 @@ class Fleet:
             conn = connection.connect(host, accept_new_host_keys=self.options.accept_new_host_keys)
             script = commands.session(host.root, self.holder, lock=self.options.lock, wait=self.options.wait_lock,
                                       break_lock=self.options.break_lock)
-            use_agent = host.agent and host.connection == "ssh"
-            shell, via_agent = conn.start_session(script, self.agents.get(host, AGENT_VERSION) if use_agent else None,
-                                                  shell_slot=self._shell_slots)
-            self._links[host.name] = _Link(conn, shell)
-            if use_agent and not via_agent:
-                self._start_agent(host, shell)
+            start = SESSION_START_SECONDS + self.options.wait_lock + BREAK_LOCK_SECONDS * self.options.break_lock
+            shell = conn.start_session(script, start, shell_slot=self._shell_slots)
+            self._links[host.name] = _Link(conn, shell, host)
         except connection.ConnectFailed as e:
             if conn is not None:
                 conn.close()
@@ -118,24 +117,22 @@ class Fleet:
         parallel(list(hosts), self.link)
         return {h.name: self.locked[h.name] for h in hosts if h.name in self.locked}
 
-    def _start_agent(self, host, shell):
-        """Starts the host's agent inside this session, so the next run needs no login shell."""
-        token = secrets.token_hex(32)
-        result = shell.run(commands.start_agent(host.python, AGENT_SOURCE, token, AGENT_IDLE_SECONDS))
-        started = [line.split()[1] for line in result.output.splitlines() if line.startswith("@@agent ")]
-        if started:
-            self.agents.put(host, AGENT_VERSION, int(started[0]), token)
-
-    def connection(self, host_name):
+    def shell(self, host_name):
+        """The host's open session, or None if it was not reached."""
         link = self._links.get(host_name)
-        return link.connection if link else None
+        return link.shell if link else None
+
+    def host(self, host_name):
+        link = self._links.get(host_name)
+        return link.host if link else None
 
     def close(self):
-        for link in self._links.values():
+        def close_link(link):  # in parallel: a host that stopped answering costs its bound once
             link.shell.close()
             link.connection.close()
+
+        parallel(list(self._links.values()), close_link)
         self._links.clear()
-        self.agents.save()
 
     def abort(self):
         """Ctrl-C: drop every connection at once; hosts clean up their staging on their own."""
@@ -220,7 +217,7 @@ def _plan_linked(fleet, shell, state, listen_addresses, outcome, progress):
     name = state.host.name
     progress.step(name, "facts", Status.RUNNING)
     started = time.perf_counter()
-    result = shell.run(commands.facts(state, recover=fleet.options.lock))
+    result = shell.run(commands.facts(state, recover=fleet.options.lock), STEP_SECONDS, "facts")
     outcome.timings["facts"] = time.perf_counter() - started
     if result.exit_code != 0:
         outcome.error = fleet.mask(f"gathering facts failed (exit {result.exit_code}): {_last_line(result.output)}")
@@ -302,7 +299,8 @@ def _scale_in(fleet, service, gone, outcomes, inventory):
             outcome.steps[label], outcome.error = Status.FAILED, error
             continue
         try:
-            report = facts.parse(link.shell.run(commands.stop([[service.name]])).output)
+            report = facts.parse(link.shell.run(commands.stop([[service.name]]), STEP_SECONDS + PROCESS_STOP_SECONDS,
+                                                "stop").output)
         except connection.ConnectFailed as e:
             outcome.steps[label], outcome.error = Status.FAILED, fleet.mask(str(e))
             continue
@@ -325,9 +323,10 @@ def _apply(fleet, outcome, host_plan, progress):
     started = time.perf_counter()
     try:
         switch = commands.apply(host_plan, fleet.txid)
-        result = outcome.shell.run(switch.script, payload=switch.payload, on_line=on_line, on_bytes=progress.sending(
-            name, sum(host_plan.size(s) for s in host_plan.send if s.content is None)))
-        outcome.shell.run(commands.forget_switch(fleet.txid))
+        result = outcome.shell.run(switch.script, apply_seconds(host_plan), "apply", payload=switch.payload,
+                                   on_line=on_line, on_bytes=progress.sending(
+                                       name, sum(host_plan.size(s) for s in host_plan.send if s.content is None)))
+        outcome.shell.run(commands.forget_switch(fleet.txid), STEP_SECONDS, "forget the switch")
     except connection.ConnectFailed as e:
         outcome.error = fleet.mask(str(e))
         progress.step(name, "connection", Status.FAILED, outcome.error)
@@ -409,7 +408,7 @@ def _surge(fleet, service, host, states, outcomes, inventory, surge_state, progr
     progress.step(host, label, Status.RUNNING, f"starting {twin_name} on port {port}")
     twin_outcome = HostOutcome(host=host, shell=outcome.shell)
     try:
-        twin_report = facts.parse(outcome.shell.run(commands.facts(twin)).output)
+        twin_report = facts.parse(outcome.shell.run(commands.facts(twin), STEP_SECONDS, "facts").output)
     except connection.ConnectFailed as e:
         outcome.error = fleet.mask(str(e))
         return
@@ -431,7 +430,7 @@ def _surge(fleet, service, host, states, outcomes, inventory, surge_state, progr
         fleet, service, cluster, lambda v: v.get(address) == "healthy", service.rollout.healthy_timeout,
         "back on the backend") or problem
     try:
-        outcome.shell.run(commands.stop([[twin_name]]))
+        outcome.shell.run(commands.stop([[twin_name]]), STEP_SECONDS + PROCESS_STOP_SECONDS, "stop")
     except connection.ConnectFailed as e:
         problem = problem or fleet.mask(str(e))
     problem = _set_cluster(fleet, ingress, cds, cds.content) or problem
@@ -452,8 +451,8 @@ def _set_cluster(fleet, ingress, cds, content):
     step = plan.HostPlan(state=ingress.plan.state, send=[spec])
     try:
         switch = commands.apply(step, fleet.txid)
-        result = ingress.shell.run(switch.script, payload=switch.payload)
-        ingress.shell.run(commands.forget_switch(fleet.txid))
+        result = ingress.shell.run(switch.script, apply_seconds(step), "cluster file", payload=switch.payload)
+        ingress.shell.run(commands.forget_switch(fleet.txid), STEP_SECONDS, "forget the switch")
     except connection.ConnectFailed as e:
         return f"ingress host {ingress.host}: {e}"
     return None if result.exit_code == 0 else f"could not write the cluster file on {ingress.host}: " \
@@ -462,13 +461,13 @@ def _set_cluster(fleet, ingress, cds, content):
 
 def _wait_envoy(fleet, service, cluster, condition, timeout, what):
     """Waits until Envoy's view of the cluster ({address: health flags}) satisfies condition."""
-    conn = fleet.connection(service.ingress.host)
+    shell = fleet.shell(service.ingress.host)
+    host = fleet.host(service.ingress.host)
 
     def probe():
         try:
-            view = {e.address: e.health_flags for e in verify.envoy_endpoints(conn, service.ingress.admin_port,
-                                                                                 cluster)}
-        except OSError as e:
+            view = {e.address: e.health_flags for e in verify.envoy_endpoints(shell, host, service, cluster)}
+        except (OSError, connection.ConnectFailed) as e:
             return False, f"Envoy admin not answering: {e}"
         return condition(view), view
 
@@ -487,17 +486,25 @@ def _is_own_address(address, own):
     return address in ("0.0.0.0", "::") or address.startswith("127.") or address == "::1" or address in own
 
 
+def apply_seconds(host_plan):
+    """The apply step's deadline: sending its files at the slowest acceptable rate, then for each
+    restarted process a stop, its start timeout, and the same again should it be rolled back."""
+    transfer = sum(host_plan.size(spec) for _, spec in host_plan.payload) / MIN_TRANSFER_BYTES_PER_SECOND
+    restarts = sum(2 * (PROCESS_STOP_SECONDS + p.start_timeout) for p in host_plan.restarts)
+    return STEP_SECONDS + transfer + restarts
+
+
 def envoy_cluster(service):
     return f"{service.name}_service"
 
 
 def _check_service(fleet, inventory, service):
-    conn = fleet.connection(service.ingress.host)
-    if conn is None:
+    shell = fleet.shell(service.ingress.host)
+    if shell is None:
         return False, f"not checked: its ingress host {service.ingress.host} was not reached"
     expected = [f"{inventory.hosts[b.host].address}:{b.port}" for b in service.backends]
-    return verify.check_through_envoy(conn, service, inventory.ingress_address(service), envoy_cluster(service),
-                                      expected)
+    return verify.check_through_envoy(shell, inventory.hosts[service.ingress.host], service,
+                                      inventory.ingress_address(service), envoy_cluster(service), expected)
 
 
 def _last_line(output):
@@ -523,19 +530,22 @@ def _on_each_host(fleet, states, result_type, work):
 def status(fleet, states, services):
     """Process state and listeners per host, and Envoy's view of each service's endpoints."""
     def host_status(shell, state, result):
-        report = facts.parse(shell.run(commands.facts(state, recover=False)).output)
+        report = facts.parse(shell.run(commands.facts(state, recover=False), STEP_SECONDS, "status").output)
         result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
         result.ports = verify.check_ports(state, report)
 
     statuses = _on_each_host(fleet, states, HostStatus, host_status)
     views = {}
     for service in services:
-        conn = fleet.connection(service.ingress.host)
+        ingress = service.ingress.host
+        if ingress not in states:
+            continue  # --limit left its Envoy out
+        shell = fleet.shell(ingress)
         try:
-            views[service.name] = verify.envoy_endpoints(conn, service.ingress.admin_port, envoy_cluster(service)) \
-                if conn else f"ingress host {service.ingress.host} not reached"
-        except OSError as e:
-            views[service.name] = f"Envoy admin not answering: {e}"
+            views[service.name] = verify.envoy_endpoints(shell, states[ingress].host, service, envoy_cluster(service)) \
+                if shell else f"ingress host {ingress} not reached"
+        except (OSError, connection.ConnectFailed) as e:
+            views[service.name] = fleet.mask(f"Envoy admin on {ingress} not answering: {e}")
     return statuses, views
 
 
@@ -545,7 +555,8 @@ def stop(fleet, states):
         names = [p.name for p in reversed(state.processes)]
         # Envoys first (they front the backends), then everything else, each group at once.
         envoys = [n for n in names if n.startswith("envoy-")]
-        result = shell.run(commands.stop([envoys, [n for n in names if n not in envoys]]))
+        result = shell.run(commands.stop([envoys, [n for n in names if n not in envoys]]),
+                           STEP_SECONDS + 2 * PROCESS_STOP_SECONDS, "stop")
         report = facts.parse(result.output)
         for name in names:
             outcome.steps[f"stop {name}"] = Status.CHANGED if name in report.stopped else \

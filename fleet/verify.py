@@ -1,12 +1,18 @@
 """Proof that a deploy holds: ports listened on by the right processes, Envoy's view of its
 backends, and a real grpc.health.v1 call through the Envoy listener."""
 
+import posixpath
 import time
 from dataclasses import dataclass
 
 import grpc
 
+from fleet import commands
+from fleet.connection import ConnectFailed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ADMIN_SECONDS = 5.0  # one request to Envoy's admin, connect to last byte
+ADMIN_STEP_SLACK_SECONDS = 10.0  # the host's Python starting, the session's round trip
 
 
 @dataclass(frozen=True)
@@ -40,25 +46,6 @@ def check_ports(state, report):
     return checks
 
 
-def http_get(sock, path):
-    """GET over an open stream (a local socket or an SSH channel); returns the body."""
-    try:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
-    if " 200 " not in status + " ":
-        raise OSError(f"admin answered {status!r}")
-    return body.decode(errors="replace")
-
-
 @dataclass(frozen=True)
 class Endpoint:
     address: str  # host:port
@@ -80,8 +67,24 @@ def parse_clusters(text, cluster):
             for addr, f in sorted(fields.items()) if "health_flags" in f]
 
 
-def envoy_endpoints(connection, admin_port, cluster):
-    return parse_clusters(http_get(connection.open_tcp(admin_port), "/clusters"), cluster)
+def admin_socket(host, service):
+    """Envoy's admin interface: a Unix socket of mode 0600 (templates/envoy/bootstrap.yaml.j2),
+    so no other user of the host can reach it, unlike a TCP port on 127.0.0.1."""
+    return posixpath.join(host.root, "envoy", service.name, "admin.sock")
+
+
+def admin_get(shell, host, service, path):
+    """GET `path` from the service's Envoy admin, through the host's session; the body."""
+    result = shell.run(commands.envoy_admin_get(host.python, admin_socket(host, service), path, ADMIN_SECONDS),
+                       ADMIN_SECONDS + ADMIN_STEP_SLACK_SECONDS, "Envoy admin")
+    if result.exit_code != 0:
+        lines = [l for l in result.output.splitlines() if l.strip()]
+        raise OSError(lines[-1] if lines else f"exit code {result.exit_code}")
+    return result.output
+
+
+def envoy_endpoints(shell, host, service, cluster):
+    return parse_clusters(admin_get(shell, host, service, "/clusters"), cluster)
 
 
 def grpc_health(address, port, service="", timeout=3.0):
@@ -102,14 +105,14 @@ def wait_until(probe, timeout, interval=0.25):
         time.sleep(interval)
 
 
-def check_through_envoy(connection, service, address, cluster, expected_backends, timeout=20.0):
+def check_through_envoy(shell, host, service, address, cluster, expected_backends, timeout=20.0):
     """Waits until Envoy sees every backend healthy, then asks grpc.health.v1 through the listener."""
 
     def endpoints_healthy():
         try:
-            endpoints = envoy_endpoints(connection, service.ingress.admin_port, cluster)
-        except OSError as e:  # admin not up yet, or the tunnel refused
-            return False, f"Envoy admin not answering: {e}"
+            endpoints = envoy_endpoints(shell, host, service, cluster)
+        except (OSError, ConnectFailed) as e:  # admin not up yet, or the host stopped answering
+            return False, f"Envoy admin on {host.name} not answering: {e}"
         healthy = [e.address for e in endpoints if e.healthy]
         missing = sorted(set(expected_backends) - set(healthy))
         if missing:

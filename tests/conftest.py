@@ -70,7 +70,7 @@ def lab(request):
 
 
 def inference_inventory(lab, **overrides):
-    """inference on backends h0 and h1, Envoy on h0 (8083, admin 9090), as inventory data."""
-    service = {"port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}
+    """inference on backends h0 and h1, Envoy on h0 (8083), as inventory data."""
+    service = {"port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083}}
     service.update(overrides)
     return {"hosts": lab.inventory_hosts(), "services": {"inference": service}}

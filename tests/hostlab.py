@@ -3,6 +3,7 @@ joined by a bridge, each running its own sshd with a private /srv (see
 ../shared/reference/test-hosts.md). Only addresses created here are ever used, and everything is
 removed by the names it was created with."""
 
+import fcntl
 import os
 import shutil
 import signal
@@ -13,7 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from fleet import commands
+
 SUBNET_BASE = "10.213"  # 10.213.<lab>.0/24, a subnet that exists only inside this machine
+# The services' Python for plain logins: Debian's python3 has no grpcio, and root's Python
+# (under /root/.pyenv, mode 0700) is out of their reach. Built once per machine, shared by labs.
+HOST_PYTHON_DIR = "/var/cache/fleet-hostlab/python"
+HOST_PYTHON_PACKAGES = ("grpcio>=1.85.1", "protobuf>=7.35.1,<8", "pyyaml>=6")  # pyproject's, for fleet.services
 
 
 class LabError(RuntimeError):
@@ -29,6 +36,23 @@ class LabHost:
     sshd: subprocess.Popen = None
 
 
+def host_python():
+    """A Python with the services' packages that any login can run (see HOST_PYTHON_DIR)."""
+    python = os.path.join(HOST_PYTHON_DIR, "bin", "python3")
+    complete = os.path.join(HOST_PYTHON_DIR, ".complete")  # written last: a half-built venv is rebuilt
+    os.makedirs(os.path.dirname(HOST_PYTHON_DIR), mode=0o755, exist_ok=True)
+    with open(HOST_PYTHON_DIR + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # labs of other checkouts may build it at the same moment
+        if not os.path.exists(complete):
+            shutil.rmtree(HOST_PYTHON_DIR, ignore_errors=True)
+            # Built in place: a venv's paths are absolute.
+            _run("/usr/bin/python3", "-m", "venv", HOST_PYTHON_DIR)
+            _run(os.path.join(HOST_PYTHON_DIR, "bin", "pip"), "install", "-q", *HOST_PYTHON_PACKAGES)
+            _run("chmod", "-R", "a+rX", HOST_PYTHON_DIR)
+            open(complete, "w").close()
+    return python
+
+
 def _run(*cmd):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -37,7 +61,10 @@ def _run(*cmd):
 
 
 class HostLab:
-    def __init__(self, count, lab_id=None, max_startups="200:30:400"):
+    def __init__(self, count, lab_id=None, max_startups="200:30:400", plain_user=False, sudo=False):
+        """plain_user: fleet logs in as a user of this lab whose shell is /bin/sh (no login-shell
+        tax, no root), with /srv/fleet its own on every host; sudo: that user may sudo without a
+        password."""
         # FLEET_LAB_ID: an id of its own for each checkout that runs tests on this machine at once.
         if lab_id is None:
             lab_id = int(os.environ["FLEET_LAB_ID"]) if os.environ.get("FLEET_LAB_ID") else os.getpid() % 200 + 20
@@ -52,6 +79,11 @@ class HostLab:
         self.client_key = os.path.join(self.dir, "id_ed25519")
         self.known_hosts = os.path.join(self.dir, "known_hosts")
         self.host_key_files = {}
+        self.user = f"{self.tag}u" if plain_user else None
+        self.sudo = sudo and plain_user
+        self.sudoers = f"/etc/sudoers.d/fleet-lab-{self.tag}"
+        self.python = host_python() if plain_user else sys.executable
+        self._user_created = False
 
     # -- setup -------------------------------------------------------------------------------
     def __enter__(self):
@@ -75,6 +107,8 @@ class HostLab:
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
+        if self.user:
+            self._create_user()
         for i in range(self.count):
             self.hosts.append(self._create_host(i))
         self._write_known_hosts()
@@ -97,11 +131,33 @@ class HostLab:
         _run("ip", "netns", "exec", namespace, "ip", "link", "set", "eth0", "up")
         srv = os.path.join(self.dir, namespace, "srv")
         os.makedirs(srv)
+        if self.user:
+            # The bind mount makes this /srv, so lab.dir's 0700 does not stand in the user's way.
+            os.makedirs(os.path.join(srv, "fleet"))
+            shutil.chown(os.path.join(srv, "fleet"), self.user, self.user)
         host = LabHost(name=f"h{i}", namespace=namespace, address=address, srv=srv)
         key = os.path.join(self.dir, namespace, "ssh_host_ed25519_key")
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
         self.host_key_files[host.name] = key
         return host
+
+    def _create_user(self):
+        # '*', not a locked '!': sshd with UsePAM no refuses locked accounts.
+        if subprocess.run(["id", self.user], capture_output=True).returncode == 0:
+            raise LabError(f"user {self.user} exists already (a lab of id {self.lab_id} not cleaned up?)")
+        _run("useradd", "-m", "-s", "/bin/sh", "-p", "*", self.user)
+        self._user_created = True
+        home = os.path.expanduser(f"~{self.user}")
+        os.makedirs(os.path.join(home, ".ssh"), mode=0o700)
+        shutil.copy(self.client_key + ".pub", os.path.join(home, ".ssh", "authorized_keys"))
+        _run("chown", "-R", f"{self.user}:{self.user}", os.path.join(home, ".ssh"))
+        if self.sudo:
+            if not shutil.which("sudo"):
+                raise LabError("sudo not installed (Debian package sudo; .ci/setup installs it)")
+            with open(self.sudoers, "w") as f:
+                f.write(f"{self.user} ALL=(ALL) NOPASSWD: ALL\n")
+            os.chmod(self.sudoers, 0o440)
+            _run("visudo", "-cqf", self.sudoers)
 
     def _sshd_config(self, host):
         path = os.path.join(self.dir, host.namespace, "sshd_config")
@@ -110,7 +166,7 @@ class HostLab:
 Port 22
 HostKey {self.host_key_files[host.name]}
 PidFile {os.path.join(self.dir, host.namespace, 'sshd.pid')}
-AuthorizedKeysFile {self.client_key}.pub
+AuthorizedKeysFile {self.client_key}.pub .ssh/authorized_keys
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -167,6 +223,18 @@ LogLevel VERBOSE
             raise LabError(f"{cmd} on {name}: {proc.stderr.strip()}")
         return proc.stdout
 
+    def processes(self, name):
+        """{pid: argv} of the processes in a host's network namespace. (pkill and friends see
+        every process of the machine, other labs' too: select by namespace first.)"""
+        found = {}
+        for pid in _run("ip", "netns", "pids", self.host(name).namespace).split():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found[int(pid)] = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                pass  # exited meanwhile
+        return found
+
     def stop_sshd(self, name):
         host = self.host(name)
         os.killpg(host.sshd.pid, signal.SIGTERM)
@@ -181,11 +249,19 @@ LogLevel VERBOSE
         with open(os.path.join(self.dir, self.host(name).namespace, "sshd.log")) as f:
             return f.read()
 
+    def envoy_admin(self, name, path, service="inference", root="fleet"):
+        """Body of a GET from an Envoy's admin on host `name`, by fleet's own step script: its Unix
+        socket under the host's /srv is a file this machine's root can open from any namespace."""
+        socket_path = os.path.join(self.host(name).srv, root, "envoy", service, "admin.sock")
+        return _run("sh", "-c", commands.envoy_admin_get(sys.executable, socket_path, path, 10))
+
     def inventory_hosts(self, root="/srv/fleet"):
         """The `hosts:` mapping of an inventory for these hosts. The hosts share this machine's
-        filesystem, so the interpreter running the tests (with grpcio) is their Python too."""
-        return {h.name: {"address": h.address, "key": self.client_key, "known_hosts": self.known_hosts,
-                         "root": root, "python": sys.executable} for h in self.hosts}
+        filesystem, so the interpreter running the tests (with grpcio) is root's Python there too;
+        a plain user gets host_python() and its own name."""
+        login = {"user": self.user} if self.user else {}
+        return {h.name: {"address": h.address, **login, "key": self.client_key, "known_hosts": self.known_hosts,
+                         "root": root, "python": self.python} for h in self.hosts}
 
     # -- teardown ----------------------------------------------------------------------------
     def destroy(self):
@@ -207,4 +283,9 @@ LogLevel VERBOSE
         for i in range(self.count):
             subprocess.run(["ip", "link", "del", f"{self.tag}v{i}"], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        if self.sudo and os.path.exists(self.sudoers):
+            os.unlink(self.sudoers)
+        if self._user_created:
+            # Its processes lived in the namespaces, killed above; -r removes its home.
+            subprocess.run(["userdel", "-r", self.user], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)

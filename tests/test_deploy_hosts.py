@@ -29,8 +29,7 @@ def listeners(lab, host):
 
 
 def admin_clusters(lab):
-    out = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                   "'http://127.0.0.1:9090/clusters').read().decode())")
+    out = lab.envoy_admin("h0", "/clusters")
     stats = {}
     for line in out.splitlines():
         parts = line.split("::")
@@ -53,11 +52,9 @@ def test_cold_deploy_starts_backends_and_envoy(lab, inventory):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2/2 backends healthy in Envoy" in result.stdout
     assert "grpc.health.v1 through 10.213." in result.stdout and "SERVING" in result.stdout
-    assert {(7073, "python"), (8083, "envoy"), (9090, "envoy")} <= listeners(lab, "h0")
+    assert {(7073, "python"), (8083, "envoy")} == listeners(lab, "h0") - {(22, "sshd:")}  # admin: no TCP port
     assert (7073, "python") in listeners(lab, "h1")
-    assert not any(port in (8083, 9090) for port, _ in listeners(lab, "h1"))
-    # The admin interface is bound to loopback only.
-    assert "127.0.0.1:9090" in lab.exec("h0", "netstat", "-tnlp")
+    assert not any(port == 8083 for port, _ in listeners(lab, "h1"))
 
 
 def test_grpc_through_envoy_reaches_both_backends(lab, inventory):
@@ -83,12 +80,12 @@ def test_second_deploy_changes_nothing_and_says_so(lab, inventory):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no changes" in result.stdout
     assert not re.search(r"^h\d .* changed$", result.stdout, re.M)  # no step reported as changed
-    assert re.search(r"│ h0 +│ 6 +│ 0 +│ 0 +│ 3/3", result.stdout)
+    assert re.search(r"│ h0 +│ 6 +│ 0 +│ 0 +│ 2/2", result.stdout)
     assert pids(lab) == before
 
 
 def test_check_shows_the_diff_and_touches_nothing(lab, inventory, tmp_path):
-    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+    changed = open(inventory).read().replace("      port: 8083", "      port: 8083\n      vars:\n"
                                              "        health_check_interval: 3s")
     path = tmp_path / "inventory.yaml"
     path.write_text(changed)
@@ -121,14 +118,14 @@ def test_deploy_json_lists_every_host_and_step(lab, inventory):
     assert all(s["status"] == "ok" for h in hosts.values() for s in h["steps"])
     assert hosts["h0"]["changes"] == {"send": [], "restarts": [], "diffs": []}
     assert {(p["process"], p["port"], p["ok"]) for p in hosts["h0"]["ports"]} == {
-        ("inference", 7073, True), ("envoy-inference", 8083, True), ("envoy-inference", 9090, True)}
+        ("inference", 7073, True), ("envoy-inference", 8083, True)}
     assert "facts" in hosts["h0"]["timings"] and "total" in document["timings"]
     (check,) = document["checks"]
     assert check["service"] == "inference" and check["ok"] and "2/2 backends healthy" in check["detail"]
 
 
 def test_check_json_shows_pending_changes(lab, inventory, tmp_path):
-    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+    changed = open(inventory).read().replace("port: 8083", "port: 8083\n      vars:\n"
                                              "        health_check_interval: 3s")
     path = tmp_path / "inventory.yaml"
     path.write_text(changed)
@@ -163,7 +160,7 @@ def test_limit_selecting_no_host_of_the_service_is_bad_input(lab, inventory, tmp
 
 
 def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
-    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+    changed = open(inventory).read().replace("      port: 8083", "      port: 8083\n      vars:\n"
                                              "        health_check_interval: 3s")
     path = tmp_path / "inventory.yaml"
     path.write_text(changed)
@@ -172,14 +169,13 @@ def test_envoy_takes_new_config_without_restart(lab, inventory, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "inference.envoy.config             changed" in result.stdout
     assert open(os.path.join(lab.host("h0").srv, "fleet", "run", "envoy-inference.pid")).read() == envoy_pid
-    dump = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                    "'http://127.0.0.1:9090/config_dump?resource=dynamic_active_clusters').read().decode())")
+    dump = lab.envoy_admin("h0", "/config_dump?resource=dynamic_active_clusters")
     assert '"interval": "3s"' in dump
     assert run_fleet("deploy", "inference", "-i", inventory).returncode == 0  # back to the module's inventory
 
 
 def test_terminal_view_ends_with_what_changed_on_each_host(lab, inventory, tmp_path, monkeypatch):
-    changed = open(inventory).read().replace("admin_port: 9090", "admin_port: 9090\n      vars:\n"
+    changed = open(inventory).read().replace("port: 8083", "port: 8083\n      vars:\n"
                                              "        health_check_interval: 4s")
     path = tmp_path / "inventory.yaml"
     path.write_text(changed)
@@ -246,6 +242,6 @@ def test_stop_stops_everything(lab, inventory):
     assert steps == {"h0": {"stop envoy-inference": "changed", "stop inference": "changed"},
                      "h1": {"stop inference": "changed"}}
     for host in ("h0", "h1"):
-        assert not {p for p, _ in listeners(lab, host)} & {7073, 8083, 9090}
+        assert not {p for p, _ in listeners(lab, host)} & {7073, 8083}
     result = run_fleet("status", "inference", "-i", inventory)
     assert result.returncode == 1 and result.stdout.count("not started") == 3

@@ -19,7 +19,7 @@ LAB_HOSTS = 3
 def deployed(lab, tmp_path_factory):
     """inference on backends h1 and h2, its Envoy on h0."""
     inventory = {"hosts": lab.inventory_hosts(), "services": {"inference": {
-        "port": 7073, "backends": ["h1", "h2"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
+        "port": 7073, "backends": ["h1", "h2"], "ingress": {"host": "h0", "port": 8083}}}}
     path = write_inventory(tmp_path_factory.mktemp("inv"), inventory)
     result = run_fleet("deploy", "inference", "-i", path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -28,8 +28,7 @@ def deployed(lab, tmp_path_factory):
 
 
 def envoy_stat(lab, name):
-    out = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                   f"'http://127.0.0.1:9090/stats?filter=^{name}$').read().decode())")
+    out = lab.envoy_admin("h0", f"/stats?filter=^{name}$")
     return int(out.split(":")[1]) if ":" in out else 0
 
 

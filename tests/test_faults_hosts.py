@@ -63,10 +63,11 @@ def test_unreachable_host_is_reported_and_the_others_proceed(lab, base):
         result = run_fleet("deploy", "inference", "-i", base)
         assert result.returncode == 1
         assert f"unreachable: {lab.host('h1').address}:22: Connection refused" in result.stdout
-        assert re.search(r"│ h0 +│ \d+ +│ 0 +│ 0 +│ 3/3", result.stdout)  # h0 was deployed and verified
+        assert re.search(r"│ h0 +│ \d+ +│ 0 +│ 0 +│ 2/2", result.stdout)  # h0 was deployed and verified
     finally:
         lab.start_sshd("h1")
-    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+    again = run_fleet("deploy", "inference", "-i", base)
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_refused_key_is_reported(lab, base, tmp_path):
@@ -174,9 +175,7 @@ def test_invalid_envoy_config_is_never_put_in_place(lab, base, tmp_path):
 
 
 def admin_stat(lab, name):
-    out = lab.exec("h0", sys.executable, "-c", "import urllib.request;print(urllib.request.urlopen("
-                   f"'http://127.0.0.1:9090/stats?filter=^{re.escape(name)}$').read().decode())")
-    return int(out.split(":")[1])
+    return int(lab.envoy_admin("h0", f"/stats?filter=^{re.escape(name)}$").split(":")[1])
 
 
 def test_envoy_takes_new_config_without_dropping_connections(lab, base, tmp_path):
@@ -214,12 +213,142 @@ def test_envoy_takes_new_config_without_dropping_connections(lab, base, tmp_path
     assert run_fleet("deploy", "inference", "-i", base).returncode == 0
 
 
+# -- hangs and the admin interface ---------------------------------------------------------------------
+
+def envoy_view(lab):
+    """{backend address: health_flags} from Envoy's admin on h0."""
+    return {parts[1]: parts[3] for parts in (l.split("::") for l in lab.envoy_admin("h0", "/clusters").splitlines())
+            if len(parts) == 4 and parts[0] == "inference_service" and parts[2] == "health_flags"}
+
+
+def wait_for(condition, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_other_users_cannot_reach_envoys_admin(lab, base):
+    envoy = pid_of(lab, "h0", "envoy-inference")
+    admin = srv(lab, "h0", "envoy", "inference", "admin.sock")
+    assert os.stat(admin).st_mode & 0o777 == 0o600
+    tcp_ports = set(re.findall(rf":(\d+)\s+\S+\s+LISTEN\s+{envoy}/", lab.exec("h0", "netstat", "-tnlp")))
+    assert tcp_ports == {"8083"}  # the listener only: no admin port on 127.0.0.1
+    # uid 65534, inside h0 (its network and its /srv), tries /quitquitquit on the admin socket and
+    # on every TCP port Envoy listens on.
+    attack = ("import socket, sys\n"
+              "def post(family, address):\n"
+              "    s = socket.socket(family); s.settimeout(5)\n"
+              "    try:\n"
+              "        s.connect(address); s.sendall(b'POST /quitquitquit HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+              "        print(address, s.recv(100))\n"
+              "    except OSError as e: print(address, type(e).__name__)\n"
+              "post(socket.AF_UNIX, '/srv/fleet/envoy/inference/admin.sock')\n"
+              f"for port in {sorted(tcp_ports)!r}: post(socket.AF_INET, ('127.0.0.1', int(port)))\n")
+    out = subprocess.run(["nsenter", "-t", str(lab.host("h0").sshd.pid), "-m", "-n", "setpriv", "--reuid", "65534",
+                          "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", attack],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert "/srv/fleet/envoy/inference/admin.sock PermissionError" in out and "OK" not in out, out
+    time.sleep(1)
+    assert os.path.exists(f"/proc/{envoy}") and pid_of(lab, "h0", "envoy-inference") == envoy
+    assert predict(lab).startswith("[0.")
+    status = run_fleet("status", "inference", "-i", base)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for host in ("h0", "h1"):
+        assert re.search(rf"{re.escape(lab.host(host).address)}:7073 +│ healthy", status.stdout)
+
+
+def test_status_fails_while_a_backend_is_out_of_rotation(lab, base):
+    backend = pid_of(lab, "h1", "inference")
+    h1 = f"{lab.host('h1').address}:7073"
+    os.kill(backend, signal.SIGSTOP)  # alive and listening, but answers no health check
+    try:
+        wait_for(lambda: envoy_view(lab)[h1] != "healthy", "Envoy never took the stopped backend out")
+        status = run_fleet("status", "inference", "-i", base)
+        assert status.returncode == 1, status.stdout
+        assert re.search(rf"{re.escape(h1)} +│ \S*failed_active_hc", status.stdout)
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    wait_for(lambda: envoy_view(lab)[h1] == "healthy", "the backend did not come back")
+    assert run_fleet("status", "inference", "-i", base).returncode == 0
+
+
+def test_a_stopped_envoy_fails_status_and_deploy_in_bounded_time(lab, base):
+    envoy = pid_of(lab, "h0", "envoy-inference")
+    os.kill(envoy, signal.SIGSTOP)
+    try:
+        # The subprocess timeouts are a safety net against a hang, not a timing assertion.
+        status = run_fleet("status", "inference", "-i", base, timeout=120)
+        assert status.returncode == 1
+        assert "inference Envoy: Envoy admin on h0 not answering" in status.stdout
+        assert "TimeoutError: timed out" in status.stdout
+        deploy = run_fleet("deploy", "inference", "-i", base, timeout=120)
+        assert deploy.returncode == 1
+        assert "inference: Envoy admin on h0 not answering" in deploy.stdout
+    finally:
+        os.kill(envoy, signal.SIGCONT)
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
+def test_a_stopped_sshd_fails_that_host_and_status_names_it(lab, base):
+    sshd = lab.host("h1").sshd.pid
+    os.kill(sshd, signal.SIGSTOP)  # connections are accepted by the kernel, but no banner comes
+    try:
+        status = run_fleet("status", "inference", "-i", base, timeout=120)  # a safety net, not a timing
+        assert status.returncode == 1
+        assert re.search(r"│ h1 +│ - +│ unreachable", status.stdout), status.stdout
+        assert "no SSH greeting within 10 s" in status.stdout, status.stdout
+        assert re.search(r"│ h0 +│ envoy-inference +│ running", status.stdout)
+        limited = run_fleet("status", "inference", "--limit", "h0", "-i", base, timeout=120)
+        assert limited.returncode == 0, limited.stdout  # h1 left out: its state is not asked for
+    finally:
+        os.kill(sshd, signal.SIGCONT)
+
+
+def session_pgid_waiting_for_lock(lab, host, wait):
+    """Process group of fleet's session on `host` while it waits (`flock -w WAIT`) for the lock."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid, argv in lab.processes(host).items():
+            if argv[:3] == ["flock", "-w", str(wait)]:
+                return os.getpgid(pid)
+        time.sleep(0.02)
+    raise AssertionError(f"no session waiting for the lock on {host}")
+
+
+def test_a_stopped_host_session_fails_that_host_in_bounded_time(lab, base):
+    lock = srv(lab, "h1", ".lock")
+    holder = subprocess.Popen(["ip", "netns", "exec", lab.host("h1").namespace, "flock", lock, "sleep", "120"],
+                              start_new_session=True)
+    session = None
+    try:
+        time.sleep(0.3)
+        deploy = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", "inference", "--wait-lock", "5",
+                                   "-i", base], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        session = session_pgid_waiting_for_lock(lab, "h1", 5)
+        os.killpg(session, signal.SIGSTOP)  # h1's session stops answering, with the lock free
+        os.killpg(holder.pid, signal.SIGKILL)
+        out, err = deploy.communicate(timeout=120)  # a safety net, not a timing assertion
+        assert deploy.returncode == 1, out + err
+        assert re.search(r"^h1 +connect +failed +no answer from the host session within \d+ s "
+                         r"\(start of the session\)", out, re.M), out
+        assert re.search(r"│ h0 +│ \d+ +│ 0 +│ 0 +│ 2/2", out)  # h0 deployed and verified meanwhile
+    finally:
+        if session is not None:
+            os.killpg(session, signal.SIGKILL)
+            os.killpg(session, signal.SIGCONT)
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert run_fleet("deploy", "inference", "-i", base).returncode == 0
+
+
 # -- interrupted deploys ---------------------------------------------------------------------------
 
 def cold_inventory(lab, tmp_path, root):
     """inference alone on h2 under a fresh root: a cold deploy that sends the 107 MB Envoy binary."""
     data = {"hosts": lab.inventory_hosts(root=root), "services": {"inference": {
-        "port": 7073, "backends": ["h2"], "ingress": {"host": "h2", "port": 8083, "admin_port": 9090}}}}
+        "port": 7073, "backends": ["h2"], "ingress": {"host": "h2", "port": 8083}}}}
     return write_inventory(tmp_path, data, name=f"cold-{os.path.basename(root)}.yaml")
 
 
@@ -258,7 +387,9 @@ def test_ctrl_c_mid_transfer_leaves_no_partial_file(lab, tmp_path):
 def test_dropped_connection_mid_transfer_leaves_no_partial_file(lab, tmp_path):
     path = cold_inventory(lab, tmp_path, "/srv/cold-b")
     proc = start_and_wait_for_transfer(lab, path, os.path.join(lab.host("h2").srv, "cold-b", ".staging"))
-    lab.exec("h2", "pkill", "-f", "sshd: root@notty")  # the host drops the session
+    for pid, argv in lab.processes("h2").items():  # the host drops the session
+        if " ".join(argv).startswith("sshd: root@notty"):
+            os.kill(pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "connection lost during a step" in out
@@ -453,7 +584,7 @@ def redis_with_password(lab):
 
 def test_secrets_never_appear_in_output(lab, tmp_path, redis_with_password, monkeypatch):
     data = {"hosts": lab.inventory_hosts(), "services": {"feature": {
-        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082, "admin_port": 9093},
+        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082},
         "vars": {"redisUrl": {"env": "FLEET_TEST_REDIS_URL"}}}}}
     path = variant(tmp_path, data)
     monkeypatch.setenv("FLEET_TEST_REDIS_URL", redis_with_password)

@@ -28,8 +28,8 @@ CASES = {
     "undefined host": (lambda t: replace_line(t, "    - h1", "    - h9"),
                        "services.inference.backends.1: host 'h9' is not defined"),
     "duplicate names": (lambda t: replace_line(t, "  h1:", "  h0:"), "hosts.h0: duplicate key 'h0'"),
-    "port clash": (lambda t: replace_line(t, "admin_port: 9090", "admin_port: 7073"),
-                   "services.inference.ingress.admin_port: port 7073 on host h0 is already taken"),
+    "port clash": (lambda t: replace_line(t, "      port: 8083", "      port: 7073"),
+                   "services.inference.ingress.port: port 7073 on host h0 is already taken"),
     "port range": (lambda t: replace_line(t, "port: 8083", "port: 80830"),
                    "services.inference.ingress.port: 80830 is not a port number"),
     "secret from a missing env var": (lambda t: replace_line(t, "    port: 7073", "    port: 7073\n    vars:\n"
@@ -70,7 +70,7 @@ def test_unknown_service_on_the_command_line(lab, good, tmp_path):
 
 
 def test_bad_envoy_setting_is_refused_before_any_host(lab, good, tmp_path):
-    text = replace_line(good, "admin_port: 9090", "admin_port: 9090\n      vars: {health_check_interval: soon}")
+    text = replace_line(good, "      port: 8083", "      port: 8083\n      vars: {health_check_interval: soon}")
     result = run_fleet("deploy", "inference", "-i", write_text(tmp_path, text))
     assert result.returncode == 2 and "rejected by `envoy --mode validate`" in result.stderr
     assert_untouched(lab)

@@ -17,6 +17,8 @@ from fleet import commands, connection, facts, plan, protocol
 from fleet.desired import FileSpec, HostState, ProcessSpec
 from fleet.inventory import Host
 
+STEP = 60  # seconds any step here may take before the session counts as stuck
+
 # A root whose name would run commands if any script forgot to quote it.
 HOSTILE_DIR = "my fleet $(touch PWNED) `touch PWNED2` 'q\" ;x"
 HOSTILE_VALUE = "a'b\"c $(touch PWNED3) `id` ;|&\n--flag\\"
@@ -65,6 +67,7 @@ def all_scripts(root, value):
         "apply": head + switch.script,
         "switch": switch.payload[-1][1].content.decode(),
         "stop": head + commands.stop([["envoy-svc"], ["svc", "other"]]),
+        "Envoy admin": head + commands.envoy_admin_get(sys.executable, f"{root}/envoy/svc/admin.sock", "/clusters", 5),
     }
 
 
@@ -91,20 +94,20 @@ def root(tmp_path):  # processes started under it are stopped by each test (stop
     return str(work / "root")
 
 
-def open_session(root, lock=True):
+def open_session(root, lock=True, wait=0):
     conn = connection.LocalConnection(shell="dash")
-    shell, _ = conn.start_session(commands.session(root, "test-holder", lock=lock))
+    shell = conn.start_session(commands.session(root, "test-holder", lock=lock, wait=wait), STEP)
     return conn, shell
 
 
 def deploy(root, state, txid):
     conn, shell = open_session(root)
     try:
-        report = facts.parse(shell.run(commands.facts(state)).output)
+        report = facts.parse(shell.run(commands.facts(state), STEP, "facts").output)
         host_plan = plan.plan_host(state, report)
         switch = commands.apply(host_plan, txid)
-        result = shell.run(switch.script, payload=switch.payload)
-        shell.run(commands.forget_switch(txid))
+        result = shell.run(switch.script, STEP, "apply", payload=switch.payload)
+        shell.run(commands.forget_switch(txid), STEP, "forget")
         return result, facts.parse(result.output)
     finally:
         shell.close()
@@ -114,7 +117,7 @@ def deploy(root, state, txid):
 def stop_all(root, names=("svc",)):
     conn, shell = open_session(root)
     try:
-        shell.run(commands.stop([list(names)]))
+        shell.run(commands.stop([list(names)]), STEP, "stop")
     finally:
         shell.close()
         conn.close()
@@ -181,10 +184,10 @@ def test_stop_ends_every_process_of_a_group_at_once(root, tmp_path):
     assert deploy(root, state, "1-1")[0].exit_code == 0
     conn, shell = open_session(root)
     try:
-        report = facts.parse(shell.run("GRACE=3\n" + commands.stop([names])).output)
+        report = facts.parse(shell.run("GRACE=3\n" + commands.stop([names]), STEP, "stop").output)
         assert sorted(report.stopped) == names
         assert sorted(os.listdir(marks)) == sorted([f"{n}.term" for n in names] + [f"{n}.saw-last" for n in names])
-        after = facts.parse(shell.run(commands.facts(state)).output)
+        after = facts.parse(shell.run(commands.facts(state), STEP, "facts").output)
         assert not any(p.alive for p in after.procs.values())
     finally:
         shell.close()
@@ -207,13 +210,13 @@ def test_a_full_disk_is_named_and_the_old_version_keeps_serving(tmp_path):
         big = state_for(root, b"x" * (3 << 20), listener(port, "v2"), [port], tag="v2")
         conn, shell = open_session(root)
         try:
-            report = facts.parse(shell.run(commands.facts(big)).output)
+            report = facts.parse(shell.run(commands.facts(big), STEP, "facts").output)
             switch = commands.apply(plan.plan_host(big, report), "1-2")
-            result = shell.run(switch.script, payload=switch.payload)
+            result = shell.run(switch.script, STEP, "apply", payload=switch.payload)
             assert result.exit_code == 3
             assert f"{root} has" in result.output and "KB free; this deploy needs" in result.output
             # The session is still in step: the payload was drained, not read as a script.
-            after = facts.parse(shell.run(commands.facts(big)).output)
+            after = facts.parse(shell.run(commands.facts(big), STEP, "facts").output)
             assert after.procs["svc"].alive and after.procs["svc"].fingerprint == "v1"
         finally:
             shell.close()
@@ -251,7 +254,7 @@ def serving(port):
 def start_switch(root, state, txid):
     """Starts an apply and returns once the host runs the switch; the caller then cuts it off."""
     conn, shell = open_session(root)
-    report = facts.parse(shell.run(commands.facts(state)).output)
+    report = facts.parse(shell.run(commands.facts(state), STEP, "facts").output)
     switch = commands.apply(plan.plan_host(state, report), txid)
     shell._write(protocol.frame(switch.script))
     for _, spec in switch.payload:
@@ -277,7 +280,7 @@ def test_a_dropped_connection_mid_switch_still_rolls_back(root):
         conn, shell = open_session(root)
         try:
             v1 = state_for(root, b"v1", listener(port, "v1"), [port])
-            report = facts.parse(shell.run(commands.facts(v1)).output)
+            report = facts.parse(shell.run(commands.facts(v1), STEP, "facts").output)
             assert not plan.plan_host(v1, report).changed
         finally:
             shell.close()
@@ -302,9 +305,10 @@ def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
                 if os.path.join(root, ".switch", "1-2").encode() in f.read():
                     os.killpg(int(pid), signal.SIGKILL)  # the switch and what it runs (not the services)
         conn.close()
-        conn, shell = open_session(root)
+        # The killed switch's processes may hold the lock a moment longer, as they die.
+        conn, shell = open_session(root, wait=10)
         try:
-            report = facts.parse(shell.run(commands.facts(slow)).output)
+            report = facts.parse(shell.run(commands.facts(slow), STEP, "facts").output)
         finally:
             shell.close()
             conn.close()

@@ -16,7 +16,7 @@ PREFIX = "{{ 7*7 }}\nservicePort: 7999"  # a secret, a template and a config key
 @pytest.fixture(scope="module")
 def deployed(lab, tmp_path_factory):
     data = {"hosts": lab.inventory_hosts(root="/srv/my fleet"), "services": {"feature": {
-        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082, "admin_port": 9092},
+        "port": 7072, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8082},
         "vars": {"redisKeyPrefix": {"secret": PREFIX}}}}}
     path = write_inventory(tmp_path_factory.mktemp("inv"), data)
     result = run_fleet("deploy", "feature", "-i", path)

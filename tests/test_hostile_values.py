@@ -14,7 +14,7 @@ from tests.conftest import load_inventory, project, write_inventory
 
 def service_inventory(role="inference", service_vars=None, ingress_vars=None, hosts=None, **service):
     spec = {"role": role, "port": 7073, "backends": ["a", "b"],
-            "ingress": {"host": "a", "port": 8083, "admin_port": 9090, "vars": ingress_vars or {}},
+            "ingress": {"host": "a", "port": 8083, "vars": ingress_vars or {}},
             "vars": service_vars or {}}
     spec.update(service)
     hosts = hosts or {"a": {"address": "10.0.0.1"}, "b": {"address": "10.0.0.2"}}

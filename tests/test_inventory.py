@@ -21,7 +21,6 @@ services:
     ingress:
       host: a
       port: 8083
-      admin_port: 9090
 """
 
 
@@ -44,7 +43,7 @@ def test_good_inventory_loads_with_defaults(tmp_path):
     assert b.port == 2222
     service = inv.service("inference")
     assert [(x.host, x.port) for x in service.backends] == [("a", 7073), ("b", 7073)]
-    assert (service.ingress.port, service.ingress.admin_port, service.ingress.listen_address) == (8083, 9090, "0.0.0.0")
+    assert (service.ingress.port, service.ingress.listen_address) == (8083, "0.0.0.0")
     assert service.hosts() == ["a", "b"]
 
 
@@ -61,11 +60,13 @@ def test_shipped_inventories_load():
     (GOOD.replace("      port: 8083\n", ""), 11, "services.inference.ingress", "missing required key 'port'"),
     (GOOD.replace("    address: 10.0.0.2\n", ""), 4, "hosts.b", "missing required key 'address'"),
     (GOOD.replace("  b:\n", "  a:\n"), 4, "hosts.a", "duplicate key 'a'"),
-    (GOOD.replace("admin_port: 9090", "admin_port: 7073"), 14, "services.inference.ingress.admin_port",
+    (GOOD.replace("      port: 8083", "      port: 7073"), 13, "services.inference.ingress.port",
      "port 7073 on host a is already taken by inference backend"),
+    # Envoy's admin is a Unix socket since issue 8: the old key is refused, not ignored.
+    (GOOD + "      admin_port: 9090\n", 14, "services.inference.ingress.admin_port", "unknown key"),
     (GOOD.replace("backends: [a, b]", "backends: [a, a]"), 10, "services.inference.backends.1", "listed twice"),
     (GOOD.replace("services:", "servces:"), 7, "servces", "unknown key"),
-    (GOOD + "  bad: [unclosed\n", 16, None, "invalid YAML"),
+    (GOOD + "  bad: [unclosed\n", 15, None, "invalid YAML"),
 ])
 def test_bad_inventory_names_file_line_and_key(tmp_path, bad, line, key, words):
     err = error_for(tmp_path, bad)

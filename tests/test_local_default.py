@@ -23,7 +23,6 @@ def local_inventory(tmp_path):
     for service in data["services"].values():
         service["port"] += PORT_SHIFT
         service["ingress"]["port"] += PORT_SHIFT
-        service["ingress"]["admin_port"] += PORT_SHIFT
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(data))
     yield str(path)

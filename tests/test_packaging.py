@@ -89,7 +89,7 @@ def test_installed_fleet_deploys_and_stops_a_project(installed):
     assert [h["root"] for h in data["hosts"].values()] == [".fleet/node1", ".fleet/node2"]
     for service in data["services"].values():
         for ports in (service, service["ingress"]):
-            for key in ("port", "admin_port"):
+            for key in ("port",):
                 if key in ports:
                     ports[key] += PORT_SHIFT
     path = proj / "inventory.yaml"

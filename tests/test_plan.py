@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import pytest
+import yaml
 
 from fleet import desired, facts, plan
 from tests.conftest import REPO, load_inventory, project, write_inventory
@@ -39,18 +40,19 @@ def test_seed_compiles_to_backends_and_envoy():
                                "-c /opt/fleet/services/inference/config.yaml").format(
         states["node110"].files[0].sha256[:16])
     envoy = states["node109"].processes[1]
-    assert envoy.ports == (8083, 9090)
+    assert envoy.ports == (8083,)  # its admin is a Unix socket
     assert "-c /opt/fleet/envoy/inference/bootstrap.yaml" in envoy.command
 
 
-def test_envoy_config_lists_every_backend_and_binds_admin_to_loopback():
+def test_envoy_config_lists_every_backend_and_puts_admin_on_a_private_socket():
     _, states = compile_seed()
     (label, static), = states["node109"].envoy_validations
     assert "172.168.3.109" in static and "172.168.3.110" in static
     lds = next(f for f in states["node109"].files if f.path.endswith("lds.yaml")).content.decode()
     assert "port_value: 8083" in lds
     bootstrap = next(f for f in states["node109"].files if f.path.endswith("bootstrap.yaml")).content.decode()
-    assert "address: 127.0.0.1" in bootstrap and "port_value: 9090" in bootstrap
+    admin = yaml.safe_load(bootstrap)["admin"]
+    assert admin == {"address": {"pipe": {"path": "/opt/fleet/envoy/inference/admin.sock", "mode": 0o600}}}
 
 
 def test_fresh_host_gets_everything():
@@ -84,7 +86,7 @@ def test_config_change_restarts_the_service_with_a_diff(tmp_path):
     _, states = compile_seed()
     old = states["node110"]
     report = report_matching(old)
-    text = open(SEED).read().replace("      admin_port: 9090", "      admin_port: 9090\n    vars:\n      modelParallelism: 8")
+    text = open(SEED).read().replace("      port: 8083\n", "      port: 8083\n    vars:\n      modelParallelism: 8\n")
     _, new_states = compile_seed(write_text(tmp_path, text))
     p = plan.plan_host(new_states["node110"], report)
     assert [s.path for s in p.send] == ["/opt/fleet/services/inference/config.yaml"]
@@ -109,7 +111,7 @@ def test_friesian_jar_deploys_with_java_command(tmp_path):
     inv = {
         "hosts": {"a": {"address": "10.9.9.9"}},
         "services": {"inference": {
-            "port": 7073, "backends": ["a"], "ingress": {"host": "a", "port": 8083, "admin_port": 9090},
+            "port": 7073, "backends": ["a"], "ingress": {"host": "a", "port": 8083},
             "vars": {
                 "artifact": str(jar),
                 "command": "java -cp {{ artifact_path }} "
@@ -171,8 +173,8 @@ def test_missing_dependency_names_the_service(tmp_path):
 
 
 def test_dependency_cycle_is_refused(tmp_path):
-    text = open(SEED).read().replace("    ingress: {host: node111, port: 8082, admin_port: 9090}",
-                                     "    ingress: {host: node111, port: 8082, admin_port: 9090}\n"
+    text = open(SEED).read().replace("    ingress: {host: node111, port: 8082}",
+                                     "    ingress: {host: node111, port: 8082}\n"
                                      "    vars: {depends_on: [recommender]}")
     inv = load_inventory(write_text(tmp_path, text))
     with pytest.raises(Exception, match="cycle: feature, recommender"):

@@ -16,7 +16,7 @@ LAB_HOSTS = 5  # h0: Envoy; h1-h3: backends; h4: a backend added later
 
 
 def inventory(lab, backends=("h1", "h2", "h3"), **vars):
-    service = {"port": 7073, "backends": list(backends), "ingress": {"host": "h0", "port": 8083, "admin_port": 9090},
+    service = {"port": 7073, "backends": list(backends), "ingress": {"host": "h0", "port": 8083},
                "rollout": {"batch": 1}}
     if vars:
         service["vars"] = vars

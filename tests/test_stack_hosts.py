@@ -29,18 +29,18 @@ def redis(lab):
 
 @pytest.fixture(scope="module")
 def inventory(lab, redis, tmp_path_factory):
-    def service(port, backends, ingress, listen, admin, **vars):
-        spec = {"port": port, "backends": backends, "ingress": {"host": ingress, "port": listen, "admin_port": admin}}
+    def service(port, backends, ingress, listen, **vars):
+        spec = {"port": port, "backends": backends, "ingress": {"host": ingress, "port": listen}}
         if vars:
             spec["vars"] = vars
         return spec
 
     data = {"hosts": lab.inventory_hosts(), "services": {
-        "feature": service(7072, ["h1", "h2"], "h0", 8082, 9090, redisUrl=redis, redisKeyPrefix="fleettest_"),
-        "feature_2tower": service(7075, ["h2", "h3"], "h1", 8085, 9090),
-        "vector_search": service(7074, ["h1", "h3"], "h0", 8084, 9091),
-        "inference": service(7073, ["h2", "h3"], "h0", 8083, 9092),
-        "recommender": service(7970, ["h1", "h2"], "h3", 8980, 9090),
+        "feature": service(7072, ["h1", "h2"], "h0", 8082, redisUrl=redis, redisKeyPrefix="fleettest_"),
+        "feature_2tower": service(7075, ["h2", "h3"], "h1", 8085),
+        "vector_search": service(7074, ["h1", "h3"], "h0", 8084),
+        "inference": service(7073, ["h2", "h3"], "h0", 8083),
+        "recommender": service(7970, ["h1", "h2"], "h3", 8980),
     }}
     return write_inventory(tmp_path_factory.mktemp("stack"), data)
 
@@ -88,8 +88,7 @@ def test_feature_rows_come_from_redis(lab, redis):
 
 
 def inference_health(lab):
-    out = lab.exec("h0", "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                   "'http://127.0.0.1:9092/clusters').read().decode())")
+    out = lab.envoy_admin("h0", "/clusters")
     return {parts[1]: parts[3] for parts in (line.split("::") for line in out.splitlines())
             if len(parts) == 4 and parts[0] == "inference_service" and parts[2] == "health_flags"}
 

@@ -10,13 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 import yaml
 
-from fleet import artifacts, desired
+from fleet import artifacts, commands, desired
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import load_inventory, project, write_inventory
 
@@ -210,14 +209,17 @@ class Envoy:
     backends are loopback hosts (node1 127.0.0.2, node2 127.0.0.3)."""
 
     def __init__(self, tmp_path, port, backends):
-        self.port, self.admin = free_port(), free_port()
+        self.port = free_port()
+        # The rendered bootstrap puts Envoy's admin on a Unix socket under the ingress host's root.
+        self.admin = tmp_path / backends[0] / "envoy" / "inference" / "admin.sock"
+        self.admin.parent.mkdir(parents=True, exist_ok=True)
         self.address = f"127.0.0.1:{self.port}"
         hosts = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
         inventory = {
             "defaults": {"connection": "local", "vars": {"bindAddress": "{{ host.address }}"}},
             "hosts": {name: {"address": hosts[name], "root": str(tmp_path / name)} for name in backends},
             "services": {"inference": {"port": port, "backends": list(backends),
-                                       "ingress": {"host": backends[0], "port": self.port, "admin_port": self.admin,
+                                       "ingress": {"host": backends[0], "port": self.port,
                                                    "listen_address": "127.0.0.1"}}},
         }
         inv = load_inventory(write_inventory(tmp_path, inventory))
@@ -245,10 +247,9 @@ class Envoy:
                 time.sleep(0.2)
 
     def retries(self):
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy
-        with direct.open(f"http://127.0.0.1:{self.admin}/stats?filter=inference_service.upstream_rq_retry$",
-                         timeout=10) as stats:
-            name, value = stats.read().decode().split()
+        get = commands.envoy_admin_get(sys.executable, str(self.admin), "/stats?filter=inference_service."
+                                       "upstream_rq_retry$", 10)
+        name, value = subprocess.run(["sh", "-c", get], capture_output=True, text=True, check=True).stdout.split()
         assert name == "cluster.inference_service.upstream_rq_retry:"
         return int(value)
 
