@@ -602,6 +602,17 @@ def test_secrets_never_appear_in_output(lab, tmp_path, redis_with_password, monk
     assert '+redisUrl: "********"' in check.stdout and "-(line hidden: this file holds secrets)" in check.stdout
     assert SECRET not in check.stdout and "an0ther-Secret" not in check.stdout
     monkeypatch.setenv("FLEET_TEST_REDIS_URL", redis_with_password)
+    # Another user of the host (uid 65534, in h1's own view of /srv) reads none of it: every
+    # session runs with umask 077, so the root is private from the moment it exists.
+    attack = ("import os\n"
+              "for path in ('/srv/fleet', '/srv/fleet/services/feature/config.yaml', '/srv/fleet/log/feature.log',"
+              " '/srv/fleet/.lock.holder'):\n"
+              "    try: open(path).read() if os.path.isfile(path) else os.listdir(path); print(path, 'READ')\n"
+              "    except OSError as e: print(path, type(e).__name__)\n")
+    out = subprocess.run(["nsenter", "-t", str(lab.host("h1").sshd.pid), "-m", "setpriv", "--reuid", "65534",
+                          "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", attack],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert out.count("PermissionError") == 4 and "READ" not in out, out
     assert run_fleet("stop", "feature", "-i", path).returncode == 0
 
 

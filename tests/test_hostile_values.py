@@ -2,7 +2,6 @@
 refused, paths stay under root, values cannot add config keys, secrets are data, and addresses
 are IP literals or host names."""
 
-import os
 
 import pytest
 import yaml
