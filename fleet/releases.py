@@ -21,7 +21,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from fleet import desired, protocol as P
+from fleet import desired, facts, protocol as P
 
 FORMAT = 1
 DEFAULT_KEEP = 5
@@ -182,12 +182,8 @@ def parse_listing(text):
         marker, _, rest = line.partition(" ")
         if marker == P.RELEASE:
             service, _, release_id = rest.partition(" ")
-            body = []
-            for item in lines:
-                if item == P.END:
-                    break
-                body.append(item)
-            listing.releases.setdefault(service, []).append(_release(service, release_id, "".join(body)))
+            body = "".join(facts._block(lines))
+            listing.releases.setdefault(service, []).append(_release(service, release_id, body))
         elif marker == P.CURRENT:
             service, _, release_id = rest.partition(" ")
             listing.current[service] = release_id
