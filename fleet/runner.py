@@ -620,20 +620,22 @@ def follow_logs(fleet, targets, tails, emit):
 
     def poll(tail):
         shell = links[tail.host].shell
-        while True:
-            positions = [(name, s.inode, s.offset) for name, s in tail.streams.items()]
-            busy[tail.host] = time.monotonic()
-            try:
+        try:
+            while True:
+                positions = [(name, s.inode, s.offset) for name, s in tail.streams.items()]
+                busy[tail.host] = time.monotonic()
                 output = shell.run(commands.log_follow(positions)).output
-            except connection.ConnectFailed as e:
-                found.put((tail.host, None, f"stopped following: {fleet.mask(str(e))}"))
-                found.put((tail.host, None, None))
-                return
+                busy.pop(tail.host, None)
+                for chunk in facts.parse_log_chunks(output):
+                    for line in tail.streams[chunk.name].take(chunk):
+                        found.put((tail.host, chunk.name, line))
+                time.sleep(LOG_POLL_SECONDS)
+        # The connection is gone (lost, or dropped by Ctrl-C): writes to it fail in these ways.
+        except (connection.ConnectFailed, OSError, EOFError, ValueError) as e:
+            found.put((tail.host, None, f"stopped following: {fleet.mask(str(e) or type(e).__name__)}"))
+        finally:
             busy.pop(tail.host, None)
-            for chunk in facts.parse_log_chunks(output):
-                for line in tail.streams[chunk.name].take(chunk):
-                    found.put((tail.host, chunk.name, line))
-            time.sleep(LOG_POLL_SECONDS)
+            found.put((tail.host, None, None))
 
     following = set(links)
     for tail in tails:

@@ -5,11 +5,17 @@ dash on a local root with a hostile name, and checked by shellcheck."""
 import base64
 import dataclasses
 import os
+import queue
+import signal
 import subprocess
+import sys
+import threading
 
 import pytest
 
-from fleet import commands, connection, desired, facts, plan, releases
+from fleet import commands, connection, desired, facts, plan, releases, runner
+from fleet.errors import UsageError
+from fleet.inventory import Host
 from fleet.releases import Listing, Release
 from tests.conftest import inference_inventory, load_inventory, project, write_inventory
 from tests.test_host_scripts import HOSTILE_DIR, HOSTILE_VALUE
@@ -32,6 +38,29 @@ def states(tmp_path):
     data = inference_inventory(Lab, vars={"modelPath": {"secret": "s3cret-model"}})
     inv = load_inventory(write_inventory(tmp_path, data))
     return inv, desired.compile_services(inv, list(inv.services.values()), project())
+
+
+def test_keep_releases_is_five_unless_the_inventory_says_otherwise(tmp_path):
+    data = inference_inventory(Lab)
+    assert load_inventory(write_inventory(tmp_path, data)).services["inference"].keep_releases == 5
+    data["keep_releases"] = 3
+    assert load_inventory(write_inventory(tmp_path, data)).services["inference"].keep_releases == 3
+    data["services"]["inference"]["keep_releases"] = 8  # per service wins
+    assert load_inventory(write_inventory(tmp_path, data)).services["inference"].keep_releases == 8
+
+
+@pytest.mark.parametrize("where, value", [((), 0), ((), "5"), (("services", "inference"), True),
+                                          (("services", "inference"), 101)])
+def test_a_bad_keep_releases_names_its_key(tmp_path, where, value):
+    data = inference_inventory(Lab)
+    target = data
+    for key in where:
+        target = target[key]
+    target["keep_releases"] = value
+    with pytest.raises(UsageError) as info:
+        load_inventory(write_inventory(tmp_path, data))
+    assert info.value.key == ".".join(where + ("keep_releases",)) and "1-100" in info.value.message
+    assert info.value.line is not None
 
 
 def test_a_manifest_holds_the_services_files_processes_and_tasks_and_reads_back(states):
@@ -292,3 +321,36 @@ def test_listing_ignores_what_fleet_did_not_write():
         "@@release svc 1-1", encoded, "@@end", "@@artifact ../.. unused", "@@artifact " + "b" * 16 + " unused"]))
     assert listing.find("svc", "1-1").manifest is None and "not JSON" in listing.find("svc", "1-1").error
     assert listing.artifacts == {"b" * 16: False}
+
+
+def test_following_names_a_host_that_stops_answering_and_keeps_reading_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "LOG_STALL_SECONDS", 1)
+    hosts = [Host(name=f"h{i}", address="127.0.0.1", connection="local", user="u", port=22, key=None,
+                  known_hosts="/dev/null", root=str(tmp_path / f"h{i}"), python=sys.executable) for i in range(2)]
+    for host in hosts:
+        os.makedirs(os.path.join(host.root, "log"))
+        with open(os.path.join(host.root, "log", "svc.log"), "w") as f:
+            f.write("started\n")
+    fleet = runner.Fleet(runner.Options(lock=False))
+    targets = {host: ["svc"] for host in hosts}
+    tails = runner.log_tails(fleet, targets, 5)
+    assert [(t.host, t.lines) for t in tails] == [("h0", [("svc", "started")]), ("h1", [("svc", "started")])]
+    seen = queue.Queue()
+    follower = threading.Thread(target=runner.follow_logs, args=(fleet, targets, tails, lambda *line: seen.put(line)),
+                                daemon=True)
+    session = fleet.connection("h0").processes[0].pid
+    os.killpg(session, signal.SIGSTOP)  # h0's session hangs: its reads never answer
+    try:
+        follower.start()
+        with open(os.path.join(hosts[1].root, "log", "svc.log"), "a") as f:
+            f.write("still read\n")
+        lines = [seen.get(timeout=30) for _ in range(2)]
+        assert sorted(lines) == [("h0", None, "not answering for 1s (still waiting for it)"),
+                                 ("h1", "svc", "still read")]
+    finally:
+        os.killpg(session, signal.SIGCONT)
+        fleet.abort()  # as Ctrl-C does: every connection dropped, the reads end
+    follower.join(timeout=30)
+    assert not follower.is_alive()
+    ended = [seen.get(timeout=5) for _ in range(seen.qsize())]
+    assert all(process is None and "stopped following" in why for _, process, why in ended), ended
