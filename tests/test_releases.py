@@ -236,6 +236,15 @@ def test_records_list_and_prune_on_a_host(session):
                               f"{root}/artifacts/{artifact_dirs[0]}": False}
 
 
+def test_a_release_that_cannot_be_written_leaves_the_current_one(session):
+    root, shell = session
+    assert shell.run(commands.record_release("svc", "1-1", "{}", [])).exit_code == 0
+    result = shell.run(commands.record_release("svc", "2-1", "{}", [(f"{root}/gone", "files/0")]))
+    assert result.exit_code == 1 and "@@fail release svc 2-1 could not be recorded" in result.output
+    assert sorted(os.listdir(os.path.join(root, "releases", "svc"))) == ["1-1", "current"]
+    assert releases.parse_listing(shell.run(commands.list_releases("svc")).output).current == {"svc": "1-1"}
+
+
 def test_an_artifact_a_running_command_names_is_in_use(session):
     root, shell = session
     os.makedirs(os.path.join(root, "artifacts", "a" * 16))

@@ -75,6 +75,7 @@ def test_each_deploy_that_changes_something_records_a_release_on_every_host(lab,
     assert [p["name"] for p in found["h0"]["releases"][0]["processes"]] == ["envoy-inference"]
     RUN["v1 id"], RUN["v2 id"] = ids[1], ids[0]
     text = fleet_ok("releases", "inference", "-i", RUN["v2"]).stdout
+    print(text)
     assert text.count(RUN["v2 id"]) == 4 and text.count("current") == 4, text
     # The stored config of a release is private to fleet's user, like the live one.
     copy = host_file(lab, "h1", "releases", "inference", RUN["v1 id"], "files", "0")
@@ -107,7 +108,9 @@ def test_rollback_under_load_loses_nothing_and_status_then_shows_the_drift(lab):
         assert processes[(host, "inference")]["release"] == found[0]["id"]
         assert any("config.yaml differs" in why for why in processes[(host, "inference")]["drift"])
     assert processes[("h0", "envoy-inference")]["drift"] == []
-    assert "drifted" in run_fleet("status", "inference", "-i", RUN["v2"]).stdout
+    text = run_fleet("status", "inference", "-i", RUN["v2"]).stdout
+    print(text)
+    assert "drifted" in text
     assert fleet_ok("status", "inference", "-i", RUN["v1"]).returncode == 0  # v1 is what runs
 
 
