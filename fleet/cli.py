@@ -2,8 +2,9 @@
 """The `fleet` command line: parses arguments, loads input, calls the runner, sets the exit code.
 
 Exit codes (README, docs/failure-modes.md): 0 everything holds (for --check: nothing would
-change); 1 a host, step or check failed, or `status` found something unhealthy or unreachable;
-2 bad input (nothing was touched); 3 `deploy --check` found changes pending; 130 interrupted."""
+change); 1 a host, step or check failed, or `status` found something unhealthy, unreachable or
+drifted from the inventory; 2 bad input (nothing was touched); 3 `deploy --check` found changes
+pending; 130 interrupted."""
 
 import argparse
 import dataclasses
@@ -63,8 +64,9 @@ def build_parser():
     deploy.add_argument("-C", "--check", action="store_true",
                         help=f"show what would change, touch nothing; exit {EXIT_CHANGES_PENDING} if anything would")
     deploy.add_argument("--timings", action="store_true", help="show where the time went, per phase")
-    status = sub.add_parser("status", parents=[targets], help="process, port and Envoy endpoint state; exit 1 "
-                                                              "if anything is unhealthy or unreachable")
+    status = sub.add_parser("status", parents=[targets], help="process, port and Envoy endpoint state, the "
+                                                              "release each process runs; exit 1 if anything is "
+                                                              "unhealthy, unreachable or drifted from the inventory")
     status.add_argument("service", help=service_help).completer = _service_names
     stop = sub.add_parser("stop", parents=[targets, locking], help="stop Envoy, then the backends")
     stop.add_argument("service", help=service_help).completer = _service_names

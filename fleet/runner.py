@@ -503,7 +503,7 @@ def record_releases(fleet, states, services, outcomes, inventory, progress):
     def record(outcome):
         state = states[outcome.host]
         here = [s for s in services if outcome.host in s.hosts()]
-        if not here or not outcome.ok or outcome.shell is None:
+        if not here or not outcome.ok:
             return
         steps = []
         for service in here:
@@ -511,18 +511,11 @@ def record_releases(fleet, states, services, outcomes, inventory, progress):
             steps.append(commands.record_release(service.name, fleet.txid, releases.encode(doc), copies,
                                                  only_if_none=service.name not in changed))
         try:
-            result = outcome.shell.run("".join(steps) + commands.list_releases(artifacts=True))
-            listing = releases.parse_listing(result.output)
-            gone, unused = releases.prune_selection(listing, {s.name: s.keep_releases for s in here},
-                                                    state.host.root, [f.path for f in state.files])
-            if result.exit_code == 0 and (gone or unused):
-                listing.pruned = releases.parse_listing(outcome.shell.run(commands.prune(gone, unused)).output).pruned
+            listing, problem = _record_and_prune(outcome.shell, "".join(steps), here, state)
         except connection.ConnectFailed as e:
-            result, listing = None, None
-            outcome.error = fleet.mask(f"release not recorded: {e}")
-        if result is not None and result.exit_code != 0:
-            outcome.error = fleet.mask(f"release not recorded: {_last_line(result.output)}")
-        if outcome.error:
+            listing, problem = None, str(e)
+        if problem:
+            outcome.error = fleet.mask(f"release not recorded: {problem}")
             outcome.steps["release"] = Status.FAILED
             progress.step(outcome.host, "release", Status.FAILED, outcome.error)
             return
@@ -533,6 +526,20 @@ def record_releases(fleet, states, services, outcomes, inventory, progress):
         progress.step(outcome.host, "release", Status.OK, detail)
 
     parallel([o for o in outcomes.values() if o.host in states], record)
+
+
+def _record_and_prune(shell, record_script, services, state):
+    """(releases.Listing with what was recorded and pruned, None), or (None, why not)."""
+    result = shell.run(record_script + commands.list_releases(artifacts=True))
+    if result.exit_code != 0:
+        failures = facts.parse(result.output).failures
+        return None, "; ".join(f"{name} {reason}" for name, reason in failures) or _last_line(result.output)
+    listing = releases.parse_listing(result.output)
+    gone, unused = releases.prune_selection(listing, {s.name: s.keep_releases for s in services}, state.host.root,
+                                            [f.path for f in state.files])
+    if gone or unused:
+        listing.pruned = releases.parse_listing(shell.run(commands.prune(gone, unused)).output).pruned
+    return listing, None
 
 
 def _bare(hosts):
