@@ -384,8 +384,9 @@ def record_release(service, release_id, manifest_json, copies, only_if_none=Fals
 def list_releases(service=None, manifests=True, artifacts=False):
     """The current release of `service` (or of every service: `@@current SERVICE ID`); with
     manifests, every release (`@@release SERVICE ID` and its manifest's base64); with artifacts,
-    every ROOT/artifacts/ directory and whether a file under ROOT/run (a running process's
-    command) names it."""
+    every ROOT/artifacts/ directory and whether a file under ROOT/run, ROOT/services or ROOT/envoy
+    (a running process's command, a rendered config) names it: in use by something that may
+    have no release, such as a service deployed by an older fleet."""
     where = _release_dir(service) if service else Raw('"$R"/releases/*')
     lines = []
     if manifests:
@@ -404,7 +405,7 @@ def list_releases(service=None, manifests=True, artifacts=False):
         lines += [
             Raw('for a in "$R"/artifacts/*/; do'),
             Raw('  [ -d "$a" ] || continue; a=${a%/}; a=${a##*/}'),
-            Raw('  if grep -rqsF -e "/artifacts/$a/" "$R/run"; then use=inuse; else use=unused; fi'),
+            Raw('  if grep -rqsF -e "/artifacts/$a/" "$R/run" "$R/services" "$R/envoy"; then use=inuse; else use=unused; fi'),
             Raw(f'  echo "{P.ARTIFACT} $a $use"'),
             Raw("done"),
         ]

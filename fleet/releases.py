@@ -47,7 +47,7 @@ class Listing:
 
     releases: dict = field(default_factory=dict)  # service -> [Release], oldest first
     current: dict = field(default_factory=dict)  # service -> id
-    artifacts: dict = field(default_factory=dict)  # artifact directory name -> named by a file under ROOT/run
+    artifacts: dict = field(default_factory=dict)  # artifact directory name -> in use (commands.list_releases)
     recorded: list = field(default_factory=list)  # (service, id) written by this step
     pruned: list = field(default_factory=list)  # paths removed
 
@@ -231,8 +231,8 @@ def prune_selection(listing, keep, root, desired_paths):
 
     keep: service -> how many of its newest releases stay (only these services are pruned; the
     current release always stays). An artifact directory goes when no kept release of any service
-    names it, no desired file of this run lies in it, and no file under ROOT/run names it (a
-    process started outside releases, by an older fleet)."""
+    names it, no desired file of this run lies in it, and the host did not report it in use
+    (commands.list_releases: named by a running command or a rendered config)."""
     removed = []
     for service, count in keep.items():
         ids = sorted(listing.ids(service), key=order, reverse=True)

@@ -245,14 +245,18 @@ def test_a_release_that_cannot_be_written_leaves_the_current_one(session):
     assert releases.parse_listing(shell.run(commands.list_releases("svc")).output).current == {"svc": "1-1"}
 
 
-def test_an_artifact_a_running_command_names_is_in_use(session):
+def test_an_artifact_a_running_command_or_a_config_names_is_in_use(session):
     root, shell = session
-    os.makedirs(os.path.join(root, "artifacts", "a" * 16))
+    for name in ("a" * 16, "b" * 16, "c" * 16):
+        os.makedirs(os.path.join(root, "artifacts", name))
     os.makedirs(os.path.join(root, "run"))
+    os.makedirs(os.path.join(root, "services", "svc"))
     with open(os.path.join(root, "run", "svc.cmd"), "w") as f:
         f.write(f"python3 {root}/artifacts/{'a' * 16}/services.pyz inference\n")
+    with open(os.path.join(root, "services", "svc", "config.yaml"), "w") as f:
+        f.write(f"modelPath: {root}/artifacts/{'b' * 16}/model\n")
     assert releases.parse_listing(shell.run(commands.list_releases(artifacts=True)).output).artifacts == {
-        "a" * 16: True}
+        "a" * 16: True, "b" * 16: True, "c" * 16: False}
 
 
 def read_logs(shell, streams, script):
