@@ -308,6 +308,8 @@ def _unresolved_artifact(src, base_dir):
 
 
 def cmd_logs(args, console, fleet_box):
+    if args.json:
+        raise UsageError("fleet logs prints log lines, not a JSON document: drop --json")
     proj, inv, service, hosts = one_service(args)
     if not 0 <= args.lines <= MAX_LOG_LINES:
         raise UsageError(f"-n {args.lines}: the number of lines must be 0-{MAX_LOG_LINES}")
