@@ -2,10 +2,12 @@
 """The `fleet` command line: parses arguments, loads input, calls the runner, sets the exit code.
 
 Exit codes (README, docs/failure-modes.md): 0 everything holds (for --check: nothing would
-change); 1 a host, step or check failed, or `status` found something unhealthy or unreachable;
-2 bad input (nothing was touched); 3 `deploy --check` found changes pending; 130 interrupted."""
+change); 1 a host, step or check failed, or `status` found something unhealthy, unreachable or
+drifted from the inventory; 2 bad input (nothing was touched); 3 `deploy --check` found changes
+pending; 130 interrupted."""
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -14,11 +16,12 @@ from importlib import metadata
 import argcomplete
 
 from fleet import __version__ as source_version
-from fleet import desired, inventory, project, report, runner, ui, validate
+from fleet import artifacts, desired, inventory, project, releases, report, rollout, runner, ui, validate
 from fleet.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHANGES_PENDING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 ALL = "all"
+MAX_LOG_LINES = 10000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,11 +64,27 @@ def build_parser():
     deploy.add_argument("-C", "--check", action="store_true",
                         help=f"show what would change, touch nothing; exit {EXIT_CHANGES_PENDING} if anything would")
     deploy.add_argument("--timings", action="store_true", help="show where the time went, per phase")
-    status = sub.add_parser("status", parents=[targets], help="process, port and Envoy endpoint state; exit 1 "
-                                                              "if anything is unhealthy or unreachable")
+    status = sub.add_parser("status", parents=[targets], help="process, port and Envoy endpoint state, the "
+                                                              "release each process runs; exit 1 if anything is "
+                                                              "unhealthy, unreachable or drifted from the inventory")
     status.add_argument("service", help=service_help).completer = _service_names
     stop = sub.add_parser("stop", parents=[targets, locking], help="stop Envoy, then the backends")
     stop.add_argument("service", help=service_help).completer = _service_names
+    listing = sub.add_parser("releases", parents=[targets], help="the releases of a service recorded on each of "
+                                                                 "its hosts, and which one runs")
+    listing.add_argument("service", help="a service of the inventory").completer = _service_names
+    back = sub.add_parser("rollback", parents=[targets, locking], help="return a service to its previous release "
+                                                                       "(or --to one), rolling as a deploy does")
+    back.add_argument("service", help="a service of the inventory").completer = _service_names
+    back.add_argument("--to", metavar="RELEASE", help="the release id to return to, as `fleet releases` lists it "
+                                                      "(default: the one before the current one, on each host)")
+    logs = sub.add_parser("logs", parents=[targets], help="the logs of a service's backends, prefixed by host")
+    logs.add_argument("service", help="a service of the inventory").completer = _service_names
+    logs.add_argument("--host", help="only this host of the service").completer = _host_names
+    logs.add_argument("-n", "--lines", type=int, default=20, metavar="N",
+                      help=f"the last N lines of each log (0-{MAX_LOG_LINES}; default 20)")
+    logs.add_argument("-f", "--follow", action="store_true", help="then follow them live until Ctrl-C")
+    logs.add_argument("--envoy", action="store_true", help="the service's Envoy log too")
     init = sub.add_parser("init", help="write a starting project: inventory.yaml, roles/ and templates/ for "
                                        "overrides")
     init.add_argument("directory", help="the project directory (created if missing)")
@@ -143,12 +162,7 @@ def cmd_deploy(args, console, fleet_box):
     ok, changed, stopped_after = True, False, None
     if not args.check:
         hosts = {name: state.host for _, states in waves for name, state in states.items()}
-        locked = fleet.lock_all(hosts.values())
-        if locked:
-            for name, reason in sorted(locked.items()):
-                console.print(f"{name}: {reason}")
-            ui.error(f"nothing was changed on any host: {len(locked)} of {len(hosts)} host(s) are locked by "
-                     "another run (a deploy takes every host's lock before it changes any)")
+        if not lock_every_host(fleet, hosts.values(), console):
             return EXIT_FAILED
 
     for number, (wave, states) in enumerate(waves, 1):
@@ -187,6 +201,19 @@ def cmd_deploy(args, console, fleet_box):
     return code
 
 
+def lock_every_host(fleet, hosts, console):
+    """Takes every host's deploy lock before any is changed; False (and says who holds which) if
+    another run holds one."""
+    hosts = list(hosts)
+    locked = fleet.lock_all(hosts)
+    for name, reason in sorted(locked.items()):
+        console.print(f"{name}: {reason}")
+    if locked:
+        ui.error(f"nothing was changed on any host: {len(locked)} of {len(hosts)} host(s) are locked by "
+                 "another run (a deploy takes every host's lock before it changes any)")
+    return not locked
+
+
 def cmd_status(args, console, fleet_box):
     proj, inv, services, limit = load(args)
     fleet = fleet_box.open(open_fleet(args, inv, lock=False))
@@ -201,8 +228,10 @@ def cmd_status(args, console, fleet_box):
     healthy = all(h["ok"] for h in hosts) and all(e["ok"] for e in envoy.values())
     envoy.update({name: {"ok": None, "error": None, "not_checked": why, "endpoints": []}
                   for name, why in left_out.items()})
-    code = EXIT_OK if healthy else EXIT_FAILED
-    _print_json(args, {"command": "status", "service": args.service, "ok": healthy, "exit_code": code,
+    drifted = any(s.drift for s in statuses)
+    code = EXIT_OK if healthy and not drifted else EXIT_FAILED
+    _print_json(args, {"command": "status", "service": args.service, "ok": healthy, "drifted": drifted,
+                       "exit_code": code,
                        "hosts": hosts, "envoy": envoy,
                        "errors": [f"{h['host']}: {h['error']}" for h in hosts if h["error"]]
                        + [f"{name}: {e['error']}" for name, e in envoy.items() if e["error"]]})
@@ -220,6 +249,100 @@ def cmd_stop(args, console, fleet_box):
                        "hosts": [report.host_outcome(o) for o in outcomes],
                        "errors": [f"{o.host}: {o.error}" for o in outcomes if o.error]})
     return code
+
+
+def one_service(args):
+    """load() for the commands that take exactly one service: (project, inventory, service, the
+    service's hosts that --limit selects)."""
+    if args.service == ALL:
+        raise UsageError(f"fleet {args.command} takes one service, not '{ALL}'")
+    proj, inv, services, limit = load(args)
+    service = services[0]
+    return proj, inv, service, [inv.hosts[h] for h in service.hosts() if h in limit]
+
+
+def cmd_releases(args, console, fleet_box):
+    _, inv, service, hosts = one_service(args)
+    fleet = fleet_box.open(open_fleet(args, inv, lock=False))
+    found = runner.list_releases(fleet, hosts, service.name)
+    ui.releases_report(console, service.name, found)
+    ok = all(f.error is None for f in found)
+    code = EXIT_OK if ok else EXIT_FAILED
+    _print_json(args, {"command": "releases", "service": service.name, "ok": ok, "exit_code": code,
+                       "hosts": [report.host_releases(f, service.name) for f in found],
+                       "errors": [f"{f.host}: {f.error}" for f in found if f.error]})
+    return code
+
+
+def cmd_rollback(args, console, fleet_box):
+    _, inv, service, hosts = one_service(args)
+    if args.to is not None and not releases.ID.fullmatch(args.to):
+        raise UsageError(f"--to {args.to!r} is not a release id (`fleet releases {service.name}` lists them)")
+    fleet = fleet_box.open(open_fleet(args, inv))
+    if not lock_every_host(fleet, hosts, console):
+        return EXIT_FAILED
+    states, ids, problems = runner.rollback_states(fleet, hosts, service.name, args.to)
+    document = {"command": "rollback", "service": service.name, "to": ids, "hosts": [], "checks": []}
+    if problems:
+        for problem in problems:
+            console.print(problem, markup=False)
+        ui.error(f"nothing was changed on any host: {len(problems)} of {len(hosts)} host(s) cannot return to "
+                 f"{args.to or 'the release before their current one'}")
+        document.update(ok=False, exit_code=EXIT_FAILED, errors=problems)
+        _print_json(args, document)
+        return EXIT_FAILED
+    for host, release_id in ids.items():
+        console.print(f"{host}: {service.name} back to release {release_id}")
+    outcomes, checks = runner.deploy(fleet, states, [service], inv, console)
+    ui.summary(console, outcomes, checks)
+    ok = all(o.ok for o in outcomes) and all(c[1] for c in checks)
+    code = EXIT_OK if ok else EXIT_FAILED
+    document.update(hosts=[report.host_outcome(o) for o in outcomes], checks=[report.check(*c) for c in checks],
+                    ok=ok, exit_code=code, errors=[f"{o.host}: {o.error}" for o in outcomes if o.error])
+    _print_json(args, document)
+    return code
+
+
+def _unresolved_artifact(src, base_dir):
+    """Commands that only need process names (logs) plan without building or hashing artifacts."""
+    return artifacts.Artifact(path=src, sha256="0" * 64, name=os.path.basename(src))
+
+
+def cmd_logs(args, console, fleet_box):
+    if args.json:
+        raise UsageError("fleet logs prints log lines, not a JSON document: drop --json")
+    proj, inv, service, hosts = one_service(args)
+    if not 0 <= args.lines <= MAX_LOG_LINES:
+        raise UsageError(f"-n {args.lines}: the number of lines must be 0-{MAX_LOG_LINES}")
+    if args.host is not None and args.host not in service.hosts():
+        raise UsageError(f"--host {args.host} is not a host of {service.name} (its hosts: "
+                         f"{', '.join(service.hosts())})", path=inv.path)
+    states = desired.compile_services(inv, [service], dataclasses.replace(proj, resolve_artifact=_unresolved_artifact))
+    targets = {}
+    for host in hosts:
+        state = states[host.name]
+        backend = rollout.backend_tasks(state, service)
+        names = [p.name for p in state.processes if p.task in backend or (
+            args.envoy and releases.service_of(p.task, inv.services) == service.name)]
+        if names and args.host in (None, host.name):
+            targets[host] = names
+    fleet = fleet_box.open(open_fleet(args, inv, lock=False))
+    tails = runner.log_tails(fleet, targets, args.lines)
+    for tail in tails:
+        if tail.error:
+            ui.error(f"{tail.host}: {tail.error}")
+        for name, line in tail.lines + ([] if args.follow else [
+                (n, l) for n, stream in tail.streams.items() for l in stream.rest()]):
+            ui.log_line(tail.host, name, line)
+    ok = all(t.error is None for t in tails)
+    if not args.follow:
+        return EXIT_OK if ok else EXIT_FAILED
+    try:
+        runner.follow_logs(fleet, targets, tails, ui.log_line)
+    except KeyboardInterrupt:
+        fleet.abort()
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED  # every host stopped answering
 
 
 def cmd_init(args, console, fleet_box):
@@ -272,8 +395,8 @@ class _FleetBox:
         return fleet
 
 
-COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "init": cmd_init,
-            "completion": cmd_completion}
+COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "releases": cmd_releases,
+            "rollback": cmd_rollback, "logs": cmd_logs, "init": cmd_init, "completion": cmd_completion}
 
 if __name__ == "__main__":
     sys.exit(main())

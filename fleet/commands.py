@@ -220,17 +220,24 @@ def facts(state, recover=True):
     First, a switch that a dropped connection left unfinished is rolled back (with the lock held;
     a read-only run only reports it)."""
     lines = [line(Raw("recover"), "act" if recover else "report")]
-    for f in state.files:
-        if f.content is None:
-            lines.append(line(Raw("if [ -e"), f.path, Raw("]; then echo"), f"{P.FILE} present {f.path}",
-                              Raw("; else echo"), f"{P.FILE} absent {f.path}", Raw("; fi")))
-        else:
-            lines.append(line(Raw("if [ -f"), f.path, Raw("]; then echo"), f"{P.CONTENT} {f.path}",
-                              Raw("; base64 <"), f.path, Raw(f'; echo "{P.END}"; else echo'),
-                              f"{P.FILE} absent {f.path}", Raw("; fi")))
+    lines += [_report_presence(f.path) if f.content is None else _report_content(f.path) for f in state.files]
     lines += [line(Raw("procstate"), p.name) for p in state.processes]
     lines += [Raw("report_listeners"), Raw("report_addresses")]
     return script(*lines)
+
+
+def _report_presence(path, name=None):
+    """`@@file present|absent NAME` for the file at `path` (a value, or a shell word); NAME: path."""
+    name = path if name is None else name
+    return line(Raw("if [ -e"), path, Raw("]; then echo"), f"{P.FILE} present {name}", Raw("; else echo"),
+                f"{P.FILE} absent {name}", Raw("; fi"))
+
+
+def _report_content(path, name=None):
+    """`@@content NAME` and the file's base64, or `@@file absent NAME`."""
+    name = path if name is None else name
+    return line(Raw("if [ -f"), path, Raw("]; then echo"), f"{P.CONTENT} {name}", Raw("; base64 <"), path,
+                Raw(f'; echo "{P.END}"; else echo'), f"{P.FILE} absent {name}", Raw("; fi"))
 
 
 @dataclass(frozen=True)
@@ -362,3 +369,144 @@ def stop(process_groups):
     lines.append(Raw("report_listeners"))
     return script(*lines)
 
+
+
+# -- releases (fleet/releases.py) --------------------------------------------------------------
+
+def _release_dir(service, release_id=None):
+    """The shell word of ROOT/releases/SERVICE[/ID]."""
+    if release_id is None:
+        return word(Raw('"$R"/releases/'), service)
+    return word(Raw('"$R"/releases/'), service, Raw("/"), release_id)
+
+
+def record_release(service, release_id, manifest_json, copies, only_if_none=False):
+    """Writes release `release_id` of `service` (its manifest, and copies of its rendered files:
+    copies is [(path on the host, copy name)]) and makes it current; with only_if_none, only
+    where the service has no current release yet (a deploy that changed nothing). The release
+    directory appears whole (written beside it, then renamed)."""
+    lines = [assign("D", _release_dir(service)), assign("N", _release_dir(service, release_id)),
+             Raw("record() {"),
+             Raw('  rm -rf "$N.tmp" && mkdir -p "$N.tmp/files" || return 1')]
+    lines += [line(Raw("  cp --"), path, word(Raw('"$N.tmp"/'), copy), Raw("|| return 1")) for path, copy in copies]
+    lines += [line(Raw("  printf '%s\\n'"), manifest_json, Raw('> "$N.tmp/manifest.json" || return 1')),
+              Raw('  chmod -R go-rwx "$N.tmp" && rm -rf "$N" && mv "$N.tmp" "$N" || return 1'),
+              line(Raw("  printf '%s\\n'"), release_id, Raw('> "$D/current.tmp" && mv -f "$D/current.tmp" "$D/current"'),
+                   Raw("|| return 1")),
+              line(Raw("  echo"), f"{P.RECORDED} {service} {release_id}"),
+              Raw("}")]
+    failed = line(Raw("echo"), f"{P.FAIL} release {service} {release_id} could not be recorded", Raw(";"),
+                  Raw('rm -rf "$N.tmp"; exit 1'))
+    lines.append(Raw(f'[ -s "$D/current" ] || record || {{ {failed}; }}') if only_if_none else
+                 Raw(f"record || {{ {failed}; }}"))
+    return script(*lines)
+
+
+def list_releases(service=None, manifests=True, artifacts=False):
+    """The current release of `service` (or of every service: `@@current SERVICE ID`); with
+    manifests, every release (`@@release SERVICE ID` and its manifest's base64); with artifacts,
+    every ROOT/artifacts/ directory and whether a file under ROOT/run, ROOT/services or ROOT/envoy
+    (a running process's command, a rendered config) names it: in use by something that may
+    have no release, such as a service deployed by an older fleet."""
+    where = _release_dir(service) if service else Raw('"$R"/releases/*')
+    lines = []
+    if manifests:
+        lines += [
+            Raw(f"for d in {where}/*/; do"),
+            Raw('  d=${d%/}; [ -f "$d/manifest.json" ] || continue'),
+            # ID.tmp: a release being written when its step was cut off.
+            Raw('  id=${d##*/}; s=${d%/*}; s=${s##*/}; case $id in *.tmp) continue ;; esac'),
+            Raw(f'  echo "{P.RELEASE} $s $id"; base64 < "$d/manifest.json"; echo "{P.END}"'),
+            Raw("done"),
+        ]
+    lines.append(Raw(f'current() {{ [ -f "$1" ] || return 0; s=${{1%/current}}; s=${{s##*/}}; '
+                     f'echo "{P.CURRENT} $s $(cat "$1")"; }}'))
+    lines.append(Raw(f"current {where}/current") if service else Raw(f'for c in {where}/current; do current "$c"; done'))
+    if artifacts:
+        lines += [
+            Raw('for a in "$R"/artifacts/*/; do'),
+            Raw('  [ -d "$a" ] || continue; a=${a%/}; a=${a##*/}'),
+            Raw('  if grep -rqsF -e "/artifacts/$a/" "$R/run" "$R/services" "$R/envoy"; then use=inuse; else use=unused; fi'),
+            Raw(f'  echo "{P.ARTIFACT} $a $use"'),
+            Raw("done"),
+        ]
+    return script(*lines)
+
+
+def read_release(service, release_id, copy_names, artifact_paths):
+    """The stored copies of a release (`@@content COPY`) and whether each of its artifacts is
+    still on the host (`@@file present|absent PATH`): what a rollback to it needs."""
+    directory = _release_dir(service, release_id)
+    lines = [_report_content(word(directory, Raw("/"), name), name) for name in copy_names]
+    lines += [_report_presence(path) for path in artifact_paths]
+    return script(*lines) if lines else script(Raw(":"))
+
+
+def prune(releases, artifact_dirs):
+    """Removes release directories ((service, id) pairs) and ROOT/artifacts/ directories."""
+    lines = [line(Raw("rm -rf"), _release_dir(service, release_id), Raw("&& echo"),
+                  f"{P.PRUNED} releases/{service}/{release_id}") for service, release_id in releases]
+    lines += [line(Raw("rm -rf"), word(Raw('"$R"/artifacts/'), name), Raw("&& echo"), f"{P.PRUNED} artifacts/{name}")
+              for name in artifact_dirs]
+    return script(*lines) if lines else script(Raw(":"))
+
+
+# -- logs (`fleet logs`) ------------------------------------------------------------------------
+
+# Bytes of one log sent per step: a chatty process cannot make a read unbounded.
+LOG_CHUNK_BYTES = 256 * 1024
+# Older (rotated) files a tail reads back through: the supervisor keeps 3 by default.
+LOG_ROTATED_MAX = 9
+
+# `chunk FILE INODE FROM`: `@@logchunk $name INODE NEXT`, then the base64 of at most
+# LOG_CHUNK_BYTES of FILE from byte FROM (from 0 if the file is shorter: it was truncated).
+_CHUNK = Raw(f"""chunk() {{
+  size=$(stat -c %s "$1" 2>/dev/null || echo 0); from=$3
+  [ "$size" -ge "$from" ] || from=0
+  n=$((size - from)); [ "$n" -le {LOG_CHUNK_BYTES} ] || n={LOG_CHUNK_BYTES}
+  echo "{P.LOG_CHUNK} $name $2 $((from + n))"
+  tail -c +$((from + 1)) "$1" | head -c "$n" | base64; echo "{P.END}"
+}}""")
+
+
+def _log_file(name):
+    return word(Raw('"$R"/log/'), name, Raw(".log"))
+
+
+def log_tail(names, count):
+    """The last `count` lines of each process's log (ROOT/log/NAME.log, reaching back into NAME.log.1
+    etc. when the current file has fewer), at most LOG_CHUNK_BYTES per file: `@@logchunk NAME INODE
+    SIZE` (where a follow goes on from) and the lines' base64."""
+    lines = []
+    for name in names:
+        lines += [
+            assign("name", name), assign("f", _log_file(name)),
+            Raw('ino=$(stat -c %i "$f" 2>/dev/null || echo -); size=$(stat -c %s "$f" 2>/dev/null || echo 0)'),
+            Raw(f'echo "{P.LOG_CHUNK} $name $ino $size"'),
+            Raw("{"),
+            Raw(f'  i=1; while [ -f "$f.$i" ] && [ "$i" -le {LOG_ROTATED_MAX} ]; do i=$((i + 1)); done'),
+            Raw(f'  while [ "$i" -gt 1 ]; do i=$((i - 1)); tail -c {LOG_CHUNK_BYTES} "$f.$i"; done'),
+            Raw(f'  from=$((size > {LOG_CHUNK_BYTES} ? size - {LOG_CHUNK_BYTES} : 0))'),
+            Raw('  [ "$ino" = - ] || tail -c +$((from + 1)) "$f" | head -c $((size - from))'),
+            line(Raw("} 2>/dev/null | tail -n"), int(count), Raw(f'| base64; echo "{P.END}"')),
+        ]
+    return script(*lines)
+
+
+def log_follow(positions):
+    """What each log gained since the last read: positions is [(name, inode or "-", offset)] as the
+    last `@@logchunk` lines said. A log rotated meanwhile (a new inode) gives the rest of the old
+    file (now NAME.log.1) first, then the new file from its start."""
+    lines = [_CHUNK]
+    for name, inode, offset in positions:
+        lines += [
+            assign("name", name), assign("f", _log_file(name)),
+            assign("ino", str(inode)), assign("off", str(int(offset))),
+            Raw('now=$(stat -c %i "$f" 2>/dev/null || echo -)'),
+            Raw('if [ "$now" != "$ino" ]; then'),
+            Raw('  if [ "$ino" != - ] && [ "$(stat -c %i "$f.1" 2>/dev/null)" = "$ino" ]; then chunk "$f.1" "$ino" "$off"; fi'),
+            Raw("  off=0"),
+            Raw("fi"),
+            Raw('[ "$now" = - ] || chunk "$f" "$now" "$off"'),
+        ]
+    return script(*lines)

@@ -115,3 +115,48 @@ def parse_listeners(lines):
 
 def _port(local_address):
     return int(local_address.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    name: str  # the process whose log it is
+    inode: str  # of the file read, or "-" if there is none yet
+    next_offset: int  # where the next read of that file starts
+    data: bytes
+
+
+def parse_log_chunks(text):
+    """The `@@logchunk NAME INODE NEXT` blocks of commands.log_tail / log_follow, in order."""
+    chunks = []
+    lines = iter(text.splitlines())
+    for line in lines:
+        marker, _, rest = line.partition(" ")
+        if marker == P.LOG_CHUNK:
+            name, inode, offset = rest.split(" ")
+            if not (inode == "-" or inode.isdigit()) or not offset.isdigit():
+                raise ValueError(f"bad log position: {line!r}")
+            chunks.append(LogChunk(name, inode, int(offset), base64.b64decode("".join(_block(lines)))))
+    return chunks
+
+
+class LogStream:
+    """One process's log as read piece by piece: where to read next, and whole lines (a line cut
+    by a read waits for its end; a rotation ends it)."""
+
+    def __init__(self):
+        self.inode, self.offset, self.pending = "-", 0, b""
+
+    def take(self, chunk):
+        """The complete lines that `chunk` ends."""
+        lines = []
+        if chunk.inode != self.inode and self.pending:
+            lines.append(self.pending)
+            self.pending = b""
+        self.inode, self.offset = chunk.inode, chunk.next_offset
+        *whole, self.pending = (self.pending + chunk.data).split(b"\n")
+        return [l.decode(errors="replace") for l in lines + whole]
+
+    def rest(self):
+        """The unfinished last line, if any (shown when not following)."""
+        rest, self.pending = self.pending, b""
+        return [rest.decode(errors="replace")] if rest else []

@@ -30,12 +30,13 @@ HOST_DEFAULTS = {
     "vars": {},
 }
 CONNECTIONS = {"ssh", "local"}
-SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars", "rollout"}
+SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars", "rollout", "keep_releases"}
 ROLLOUT_KEYS = {"batch", "healthy_timeout", "surge_port"}
 BACKEND_KEYS = {"host", "port"}
 INGRESS_KEYS = {"host", "port", "listen_address", "vars"}
 INGRESS_DEFAULTS = {"listen_address": "0.0.0.0"}
-TOP_KEYS = {"defaults", "hosts", "services"}
+TOP_KEYS = {"defaults", "hosts", "services", "keep_releases"}
+KEEP_RELEASES = 5  # releases of a service kept on each of its hosts (fleet/releases.py)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Service:
     ingress: Ingress
     vars: dict = field(default_factory=dict, compare=False)  # for the service's own role
     rollout: Rollout = Rollout()  # how a change restarts running backends
+    keep_releases: int = KEEP_RELEASES  # releases kept on each of its hosts; older ones are pruned
 
     def hosts(self):
         """Every host the service runs on, backends first, each once."""
@@ -156,7 +158,8 @@ def parse(source, known_roles):
              for name, spec in data["hosts"].items()}
     _check_same_targets(source, hosts)
     _mapping(source, ("services",), data["services"], required=True)
-    services = {_name(source, ("services", name), name): _service(source, name, spec, hosts, known_roles)
+    keep = _keep_releases(source, ("keep_releases",), data.get("keep_releases", KEEP_RELEASES))
+    services = {_name(source, ("services", name), name): _service(source, name, spec, hosts, known_roles, keep)
                 for name, spec in data["services"].items()}
     _check_port_conflicts(source, services, hosts)
     return Inventory(path=source.path, hosts=hosts, services=services, secrets=frozenset(secrets), source=source)
@@ -219,7 +222,7 @@ def _host(source, name, spec, defaults, base):
                 vars=values["vars"])
 
 
-def _service(source, name, spec, hosts, known_roles):
+def _service(source, name, spec, hosts, known_roles, keep_releases=KEEP_RELEASES):
     keys = ("services", name)
     _mapping(source, keys, spec, required=True)
     _known_keys(source, keys, spec, SERVICE_KEYS)
@@ -266,7 +269,15 @@ def _service(source, name, spec, hosts, known_roles):
     service_vars = spec.get("vars", {})
     _mapping(source, keys + ("vars",), service_vars)
     return Service(name=name, role=role, port=port, backends=tuple(backends), ingress=ingress, vars=service_vars,
-                   rollout=_rollout(source, keys + ("rollout",), spec.get("rollout", {})))
+                   rollout=_rollout(source, keys + ("rollout",), spec.get("rollout", {})),
+                   keep_releases=_keep_releases(source, keys + ("keep_releases",),
+                                                spec.get("keep_releases", keep_releases)))
+
+
+def _keep_releases(source, keys, value):
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
+        raise source.error(keys, f"{value!r} is not a number of releases to keep (1-100)")
+    return value
 
 
 def _rollout(source, keys, spec):

@@ -33,7 +33,14 @@ SWITCH_FINISHED = "@@switched"  # `@@switched TXID EXIT`: a switch that ended wh
 RECOVERED = "@@recovered"  # `@@recovered TXID`: an interrupted switch, rolled back by this run
 UNFINISHED = "@@unfinished"  # `@@unfinished TXID`: an interrupted switch seen by a read-only run
 OUTCOME = "@@outcome"  # `@@outcome EXIT`: last line of a switch's journal
-END = "@@end"  # ends a block (CONTENT, NETSTAT, LOG)
+# Releases and logs (fleet/releases.py, `fleet releases`, `rollback`, `logs`).
+RELEASE = "@@release"  # `@@release SERVICE ID`, the base64 of its manifest.json, END
+CURRENT = "@@current"  # `@@current SERVICE ID`: the release the service runs on this host
+RECORDED = "@@recorded"  # `@@recorded SERVICE ID`: a release was written and made current
+ARTIFACT = "@@artifact"  # `@@artifact DIR inuse|unused`: an ROOT/artifacts/DIR, and whether a run/ file names it
+PRUNED = "@@pruned"  # `@@pruned PATH`: a release or artifact directory removed
+LOG_CHUNK = "@@logchunk"  # `@@logchunk NAME INODE OFFSET`, the base64 of log bytes from OFFSET, END
+END = "@@end"  # ends a block (CONTENT, NETSTAT, LOG, RELEASE, LOG_CHUNK)
 
 
 def is_report(line):

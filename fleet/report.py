@@ -3,6 +3,8 @@ outcomes the terminal view shows. Pure."""
 
 import json
 
+from fleet import releases
+
 
 def _ports(checks):
     return [{"process": c.process, "port": c.port, "ok": c.ok, "detail": c.detail} for c in checks]
@@ -45,9 +47,30 @@ def status_host(status):
         alive = proc is not None and proc.alive
         processes.append({"name": name, "state": "running" if alive else "dead" if proc and proc.pid else "not started",
                           "pid": proc.pid if alive else None,
-                          "ports": _ports([c for c in status.ports if c.process == name])})
+                          "ports": _ports([c for c in status.ports if c.process == name]),
+                          "release": status.releases.get(name), "drift": status.drift.get(name, [])})
     return {"host": status.host, "ok": status.error is None and all(c.ok for c in status.ports),
-            "error": status.error, "processes": processes}
+            "error": status.error, "drifted": bool(status.drift), "processes": processes}
+
+
+def host_releases(found, service):
+    """A runner.HostReleases of `fleet releases`: newest first."""
+    listing = found.listing
+    if listing is None:
+        return {"host": found.host, "error": found.error, "current": None, "releases": []}
+    current = listing.current.get(service)
+    return {"host": found.host, "error": None, "current": current,
+            "releases": [_release(r, current) for r in reversed(listing.releases.get(service, []))]}
+
+
+def _release(release, current):
+    doc = release.manifest or {}
+    return {"id": release.id, "current": release.id == current, "time": doc.get("time"), "who": doc.get("who"),
+            "inventory": doc.get("inventory"), "error": release.error,
+            "identity": releases.identity(doc) if release.manifest else None,
+            "artifacts": [{"path": a["path"], "sha256": a["sha256"]} for a in doc.get("artifacts", [])],
+            "files": [{"path": f["path"], "sha256": f["sha256"]} for f in doc.get("files", [])],
+            "processes": [{"name": p["name"], "fingerprint": p["fingerprint"]} for p in doc.get("processes", [])]}
 
 
 def envoy_view(view):

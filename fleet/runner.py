@@ -5,13 +5,14 @@ import dataclasses
 import getpass
 import hashlib
 import os
+import queue
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, facts, plan, protocol, rollout, ui, verify
+from fleet import commands, connection, desired, facts, plan, protocol, releases, rollout, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
@@ -58,6 +59,8 @@ class HostStatus:
     procs: dict = field(default_factory=dict)  # name -> facts.ProcState
     ports: list = field(default_factory=list)  # verify.PortCheck
     error: str | None = None
+    releases: dict = field(default_factory=dict)  # process name -> the release it runs (None: none recorded)
+    drift: dict = field(default_factory=dict)  # process name -> how it differs from the inventory
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ def deploy(fleet, states, services, inventory, console, surge_state=None):
             if outcome.report is not None:
                 _verify_ports(outcome, states[outcome.host], progress)
             progress.finish(outcome.host, outcome)
+        record_releases(fleet, states, services, outcomes, inventory, progress)
     started = time.perf_counter()
     checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
     fleet.timings["check through Envoy"] = fleet.timings.get("check through Envoy", 0) + time.perf_counter() - started
@@ -529,11 +533,16 @@ def _on_each_host(fleet, states, result_type, work):
 
 
 def status(fleet, states, services):
-    """Process state and listeners per host, and Envoy's view of each service's endpoints."""
+    """Process state and listeners per host, the release each process runs and how it drifts from
+    the inventory, and Envoy's view of each service's endpoints."""
+    names = [s.name for s in services]
     def host_status(shell, state, result):
         report = facts.parse(shell.run(commands.facts(state, recover=False), STEP_SECONDS, "status").output)
         result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
         result.ports = verify.check_ports(state, report)
+        result.drift = releases.drift(plan.plan_host(state, report))
+        current = releases.parse_listing(shell.run(commands.list_releases(manifests=False), STEP_SECONDS, "releases").output).current
+        result.releases = {p.name: current.get(releases.service_of(p.task, names)) for p in state.processes}
 
     statuses = _on_each_host(fleet, states, HostStatus, host_status)
     views = {}
@@ -566,3 +575,205 @@ def stop(fleet, states):
             outcome.error = f"stop failed (exit {result.exit_code}): {_last_line(result.output)}"
 
     return _on_each_host(fleet, states, HostOutcome, stop_host)
+
+
+# -- releases, rollback, logs (fleet/releases.py, docs/operations.md) ---------------------------
+
+# Seconds between two reads of the logs `fleet logs -f` follows, and after which a host that has
+# not answered a read is named (and still waited for: it may come back).
+LOG_POLL_SECONDS = 0.5
+LOG_STALL_SECONDS = 10
+
+
+@dataclass
+class HostReleases:
+    host: str
+    listing: object = None  # releases.Listing
+    state: object = None  # desired.HostState of a rollback
+    error: str | None = None
+
+
+@dataclass
+class HostLogs:
+    host: str
+    streams: dict = field(default_factory=dict)  # process -> facts.LogStream
+    lines: list = field(default_factory=list)  # (process, line)
+    error: str | None = None
+
+
+def record_releases(fleet, states, services, outcomes, inventory, progress):
+    """After a deploy, on every host whose part succeeded: a release of each service that changed
+    anywhere (so a release id is on every host of the service), or, where a service has no
+    release yet, of that one; then prunes (releases.prune_selection)."""
+    names = list(inventory.services)
+    changed = {s.name for s in services if any(
+        status == Status.CHANGED and releases.service_of(label, names) == s.name
+        for o in outcomes.values() for label, status in o.steps.items())}
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+
+    def record(outcome):
+        state = states[outcome.host]
+        here = [s for s in services if outcome.host in s.hosts()]
+        if not here or not outcome.ok:
+            return
+        steps = []
+        for service in here:
+            doc, copies = releases.manifest(state, service.name, names, fleet.txid, when, who, inventory.path)
+            steps.append(commands.record_release(service.name, fleet.txid, releases.encode(doc), copies,
+                                                 only_if_none=service.name not in changed))
+        try:
+            listing, problem = _record_and_prune(outcome.shell, "".join(steps), here, state)
+        except connection.ConnectFailed as e:
+            listing, problem = None, str(e)
+        if problem:
+            outcome.error = fleet.mask(f"release not recorded: {problem}")
+            outcome.steps["release"] = Status.FAILED
+            progress.step(outcome.host, "release", Status.FAILED, outcome.error)
+            return
+        detail = ", ".join(f"{s} {i}" for s, i in listing.recorded) or "unchanged"
+        if listing.pruned:
+            detail += f"; pruned {len(listing.pruned)}: {', '.join(listing.pruned)}"
+        # Bookkeeping, not a change to what runs: never counted as a changed step.
+        progress.step(outcome.host, "release", Status.OK, detail)
+
+    parallel([o for o in outcomes.values() if o.host in states], record)
+
+
+def _record_and_prune(shell, record_script, services, state):
+    """(releases.Listing with what was recorded and pruned, None), or (None, why not)."""
+    result = shell.run(record_script + commands.list_releases(artifacts=True), STEP_SECONDS, "record the release")
+    if result.exit_code != 0:
+        failures = facts.parse(result.output).failures
+        return None, "; ".join(f"{name} {reason}" for name, reason in failures) or _last_line(result.output)
+    listing = releases.parse_listing(result.output)
+    gone, unused = releases.prune_selection(listing, {s.name: s.keep_releases for s in services}, state.host.root,
+                                            [f.path for f in state.files])
+    if gone or unused:
+        listing.pruned = releases.parse_listing(shell.run(commands.prune(gone, unused), STEP_SECONDS, "prune").output).pruned
+    return listing, None
+
+
+def _bare(hosts):
+    """Host states that only name their host (commands that read what is on it)."""
+    return {h.name: desired.HostState(host=h) for h in hosts}
+
+
+def list_releases(fleet, hosts, service):
+    """Per host: releases.Listing of the service, or the error that kept it from being read."""
+    def read(shell, state, result):
+        result.listing = releases.parse_listing(shell.run(commands.list_releases(service), STEP_SECONDS, "releases").output)
+
+    return _on_each_host(fleet, _bare(hosts), HostReleases, read)
+
+
+def rollback_states(fleet, hosts, service, to=None):
+    """({host name: desired.HostState} returning every host to release `to`, or to the one before
+    its current release; {host name: that release id}; []), or (None, None, [one line per host that
+    cannot: unreachable, no such release, a stored copy changed, an artifact gone]). Reads only:
+    nothing is changed on any host."""
+    listed = list_releases(fleet, hosts, service)
+    problems, targets = [], {}
+    for found in listed:
+        if found.error:
+            problems.append(f"{found.host}: {found.error}")
+            continue
+        target = to or releases.previous(found.listing, service)
+        release = found.listing.find(service, target) if target else None
+        ids = ", ".join(found.listing.ids(service)) or "none"
+        if target is None:
+            problems.append(f"{found.host}: no release of {service} before its current one "
+                            f"({found.listing.current.get(service, 'none')}; releases: {ids})")
+        elif release is None:
+            problems.append(f"{found.host}: no release {target} of {service} (releases there: {ids})")
+        elif release.manifest is None:
+            problems.append(f"{found.host}: release {target} of {service}: {release.error}")
+        else:
+            targets[found.host] = release.manifest
+    if problems:
+        return None, None, problems
+
+    def read(shell, state, result):
+        doc = targets[state.host.name]
+        report = facts.parse(shell.run(commands.read_release(service, doc["id"], [f["copy"] for f in doc["files"]],
+                                                             [a["path"] for a in doc["artifacts"]]),
+                                       STEP_SECONDS, "read the release").output)
+        gone = [a["path"] for a in doc["artifacts"] if not report.present.get(a["path"])]
+        if gone:
+            result.error = f"release {doc['id']} of {service} needs {', '.join(gone)}, which is no longer on the host"
+            return
+        try:
+            result.state = releases.host_state(state.host, doc, report.contents)
+        except releases.ReleaseError as e:
+            result.error = str(e)
+
+    read_back = _on_each_host(fleet, _bare(hosts), HostReleases, read)
+    problems = [f"{r.host}: {r.error}" for r in read_back if r.error]
+    if problems:
+        return None, None, problems
+    return {r.host: r.state for r in read_back}, {h: doc["id"] for h, doc in targets.items()}, []
+
+
+def log_tails(fleet, targets, count):
+    """targets: {Host: [process names]}. Per host name: ({process: facts.LogStream}, [(process,
+    line)] of the last `count` lines of each log) or the error; the streams go on from there."""
+    def read(shell, state, result):
+        names = targets[state.host]
+        streams = {name: facts.LogStream() for name in names}
+        for chunk in facts.parse_log_chunks(shell.run(commands.log_tail(names, count), STEP_SECONDS, "logs").output):
+            result.lines += [(chunk.name, line) for line in streams[chunk.name].take(chunk)]
+        result.streams = streams
+
+    return _on_each_host(fleet, _bare(targets), HostLogs, read)
+
+
+def follow_logs(fleet, targets, tails, emit):
+    """Reads what every log of `tails` (log_tails) gains, every LOG_POLL_SECONDS, through each host's
+    session (targets as for log_tails), and calls
+    emit(host, process, line) in this thread, until interrupted (Ctrl-C). A host whose read has
+    not answered for LOG_STALL_SECONDS is named once (emit(host, None, why)); one whose
+    connection failed is named and dropped."""
+    found = queue.Queue()
+    busy = {}  # host -> when its outstanding read started
+    hosts = {h.name: h for h in targets}
+    links = {t.host: fleet.link(hosts[t.host])[0] for t in tails if t.error is None}
+
+    def poll(tail):
+        shell = links[tail.host].shell
+        try:
+            while True:
+                positions = [(name, s.inode, s.offset) for name, s in tail.streams.items()]
+                busy[tail.host] = time.monotonic()
+                output = shell.run(commands.log_follow(positions), STEP_SECONDS, "follow logs").output
+                busy.pop(tail.host, None)
+                for chunk in facts.parse_log_chunks(output):
+                    for line in tail.streams[chunk.name].take(chunk):
+                        found.put((tail.host, chunk.name, line))
+                time.sleep(LOG_POLL_SECONDS)
+        # The connection is gone (lost, or dropped by Ctrl-C): writes to it fail in these ways.
+        except (connection.ConnectFailed, OSError, EOFError, ValueError) as e:
+            found.put((tail.host, None, f"stopped following: {fleet.mask(str(e) or type(e).__name__)}"))
+        finally:
+            busy.pop(tail.host, None)
+            found.put((tail.host, None, None))
+
+    following = set(links)
+    for tail in tails:
+        if tail.host in links:
+            threading.Thread(target=poll, args=(tail,), daemon=True).start()
+    stalled = set()
+    while following:
+        try:
+            host, name, line = found.get(timeout=LOG_POLL_SECONDS)
+            if line is None:
+                following.discard(host)
+            else:
+                emit(host, name, line)
+        except queue.Empty:
+            pass
+        now, waiting = time.monotonic(), dict(busy)  # a copy: the threads change busy meanwhile
+        for host, since in waiting.items():
+            if now - since > LOG_STALL_SECONDS and host not in stalled:
+                stalled.add(host)
+                emit(host, None, f"not answering for {LOG_STALL_SECONDS}s (still waiting for it)")
+        stalled &= set(waiting)

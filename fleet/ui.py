@@ -1,6 +1,7 @@
 """What the operator sees: live per-host progress, summary tables, diffs. Rich on a terminal,
 plain lines elsewhere (CI logs, pipes)."""
 
+import sys
 import threading
 
 from rich.console import Console, Group
@@ -10,6 +11,8 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
+
+from fleet import releases
 
 STATUS_STYLE = {"ok": "green", "changed": "yellow", "would change": "yellow", "failed": "bold red", "running": "cyan"}
 
@@ -163,19 +166,20 @@ def status_report(console, statuses, views, not_checked=None):
     """Processes (dead ones first) with their ports, then Envoy's view of each service's backends;
     not_checked: service -> why its Envoy was not asked (its host left out by --limit)."""
     table = Table(title="processes", header_style="bold")
-    for column in ("host", "process", "state", "pid", "ports"):
+    for column in ("host", "process", "state", "pid", "ports", "release", "drift"):
         table.add_column(column)
     rows = []
     for status in statuses:
         if status.error:
-            rows.append((0, status.host, "-", Text("unreachable", "red"), "-", Text(status.error)))
+            rows.append((0, status.host, "-", Text("unreachable", "red"), "-", Text(status.error), "-", "-"))
             continue
         for name, proc in status.procs.items():
             alive = proc is not None and proc.alive
             ports = [c for c in status.ports if c.process == name]
             port_text = ", ".join(f"{c.port} {'✓' if c.ok else '✗'}" for c in ports)
             state = "[green]running[/]" if alive else "[red]dead[/]" if proc and proc.pid else "[red]not started[/]"
-            rows.append((1 if alive else 0, status.host, name, state, str(proc.pid) if alive else "-", port_text))
+            rows.append((1 if alive else 0, status.host, name, state, str(proc.pid) if alive else "-", port_text,
+                         status.releases.get(name) or "-", _drift_text(status.drift.get(name))))
     for row in sorted(rows, key=lambda r: r[0]):
         table.add_row(*row[1:])
     console.print(table)
@@ -217,3 +221,45 @@ def timings(console, outcomes, run_phases):
     for phase, seconds in run_phases.items():
         table.add_row(phase, "", f"{seconds:.2f}", "run")
     console.print(table)
+
+
+def _drift_text(reasons):
+    return Text("drifted: " + "; ".join(reasons), "yellow") if reasons else Text("as inventory", "green")
+
+
+def releases_report(console, service, found):
+    """`fleet releases`: per host, newest first, the current one marked."""
+    table = Table(title=f"{service}: releases", header_style="bold")
+    for column in ("host", "release", "time", "who", "", "same as"):
+        table.add_column(column)
+    for host in found:
+        if host.error:
+            table.add_row(host.host, Text("unreachable", "red"), Text(host.error), "", "", "")
+            continue
+        listed = host.listing.releases.get(service, [])
+        if not listed:
+            table.add_row(host.host, "-", "no release recorded", "", "", "")
+        current = host.listing.current.get(service)
+        seen = {}  # identity -> the oldest release with it: a rollback records one like an older one
+        same = {}
+        for release in listed:
+            if release.manifest:
+                key = releases.identity(release.manifest)
+                same[release.id] = seen.get(key, "")
+                seen.setdefault(key, release.id)
+        for release in reversed(listed):
+            doc = release.manifest or {}
+            table.add_row(host.host, release.id, doc.get("time", ""), doc.get("who", Text(release.error or "", "red")),
+                          Text("current", "green") if release.id == current else "", same.get(release.id, ""))
+    console.print(table)
+
+
+def log_line(host, process, line):
+    """One log line, `HOST PROCESS | LINE`, as is (no markup: logs hold brackets); process None:
+    a line about the host itself, on stderr."""
+    if process is None:
+        sys.stderr.write(f"{host}: {line}\n")
+        sys.stderr.flush()
+        return
+    sys.stdout.write(f"{host} {process} | {line}\n")
+    sys.stdout.flush()

@@ -55,8 +55,8 @@ def complete(line, inventory):
 
 
 def test_completion_offers_commands_services_and_hosts(inventory):
-    assert complete("fleet ", inventory) == ["--help", "--version", "-h", "completion", "deploy", "init", "status",
-                                             "stop"]
+    assert complete("fleet ", inventory) == ["--help", "--version", "-h", "completion", "deploy", "init", "logs",
+                                             "releases", "rollback", "status", "stop"]
     offered = complete("fleet deploy ", inventory)
     assert [w for w in offered if not w.startswith("-")] == ["all", "inference"] and "--check" in offered
     assert complete("fleet status in", inventory) == ["inference"]

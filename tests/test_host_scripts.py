@@ -297,7 +297,9 @@ def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
     try:
         assert deploy(root, state_for(root, b"v1", listener(port, "v1"), [port]), "1-1")[0].exit_code == 0
         slow = state_for(root, b"v2", "sleep 300", [port], start_timeout=30, tag="v2")
+        old = pid_in(root)
         conn = start_switch(root, slow, "1-2")
+        wait_for(lambda: pid_in(root) not in (None, old), 20, "the new version to start")
         # The host itself loses the switch (a reboot, an OOM kill): nothing finished it.
         out = subprocess.run(["pgrep", "-f", "switch.sh"], capture_output=True, text=True).stdout.split()
         for pid in out:
