@@ -25,7 +25,7 @@ RUN = {}  # what earlier tests of this module left for later ones
 
 
 def inventory(lab, artifact=None, **vars):
-    service = {"port": 7073, "backends": list(BACKENDS), "ingress": {"host": "h0", "port": 8083, "admin_port": 9090},
+    service = {"port": 7073, "backends": list(BACKENDS), "ingress": {"host": "h0", "port": 8083},
                "rollout": {"batch": 1}, "vars": dict(vars, **({"artifact": str(artifact)} if artifact else {}))}
     return {"hosts": lab.inventory_hosts(), "services": {"inference": service}}
 
