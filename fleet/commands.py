@@ -341,3 +341,51 @@ def stop(process_groups):
     lines.append(Raw("report_listeners"))
     return script(*lines)
 
+
+
+# Ends what the controller sends ahead of the session when it gives sudo a password: the session
+# skips lines up to it, whether or not sudo read the password (it does not when it need not).
+_BECOME_END = "@@become-end"
+
+
+def login(session_script, name, python, root, user, become_user=None, become_password=False):
+    """The SSH command of a session: a preflight that reports, in one line, everything the host
+    lacks before anything changes; then the session, through `sudo -u become_user` if given.
+    With `become_password`, the controller sends the password as the first line of input: it is
+    read into a shell variable and piped to sudo -S, never part of a command line or a file."""
+    lacks = [
+        line(Raw("if ! command -v"), python, Raw(">/dev/null 2>&1; then"), word(Raw('lacks="$lacks, "'), python)),
+        line(Raw("elif !"), python, Raw("-c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then"),
+             word(Raw('lacks="$lacks, python 3.9 or newer ($('), python, Raw(' -V 2>&1))"')), Raw("; fi")),
+        Raw('for t in flock setsid; do command -v "$t" >/dev/null 2>&1 || lacks="$lacks, $t"; done'),
+        Raw('command -v netstat >/dev/null 2>&1 || command -v ss >/dev/null 2>&1 || lacks="$lacks, netstat or ss"'),
+        line(Raw('[ -z "$lacks" ] || { echo "$(id -un) on"'), name,
+             Raw('"lacks ${lacks#, } (preflight; nothing was changed)"; exit 1; }')),
+    ]
+    fix = "set root: to a writable directory" if become_user else \
+        "set root: to a directory $(id -un) can write, or become: true"
+    writable = line(Raw("{ mkdir -p"), root, Raw("2>/dev/null && [ -w"), root, Raw("]; } || { echo root"), root,
+                    Raw(f'"is not writable by $(id -un): {fix}"; exit 1; }}'))
+    inner = script(Raw("lacks="), *lacks, writable, session_script)
+    if not become_user:
+        return inner
+    sudo_user = ["-u", become_user, "--", "sh", "-c"]
+    steps = [Raw('command -v sudo >/dev/null 2>&1 || { echo "no sudo on this host (become: true needs it)"; exit 1; }')]
+    if become_password:
+        skip = script(Raw(f'while IFS= read -r l; do [ "$l" = {_BECOME_END} ] && break; done'), inner)
+        steps += [
+            Raw("IFS= read -r p"),
+            line(Raw("printf '%s\\n' \"$p\" | sudo -S -p '' -u"), become_user,
+                 Raw("-- true >/dev/null 2>&1 || { echo"), f"sudo on {name} refused the become password",
+                 Raw("; exit 1; }")),
+            line(Raw("{ printf '%s\\n' \"$p\""), _BECOME_END, Raw("; unset p; exec cat; } | sudo -S -p ''"),
+                 *sudo_user, skip),
+        ]
+    else:
+        steps += [
+            line(Raw("if ! out=$(sudo -n -u"), become_user, Raw('-- true 2>&1); then case "$out" in *password*) echo'),
+                 f"sudo on {name} wants a password: set up NOPASSWD for {user} or pass --ask-become-pass",
+                 Raw(';; *) echo'), f"sudo on {name} fails:", Raw('"$out";; esac; exit 1; fi')),
+            line(Raw("exec sudo -n"), *sudo_user, inner),
+        ]
+    return script(*steps)

@@ -3,6 +3,7 @@
 Every key is documented in docs/inventory.md; errors name the file, line and key.
 """
 
+import dataclasses
 import ipaddress
 import os
 import posixpath
@@ -10,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from fleet import render, rollout, yamlsource
+from fleet import render, rollout, sshconfig, yamlsource
 
 # Host, service, role and process names become file names and log names on hosts.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # whole names: use fullmatch
@@ -18,7 +19,8 @@ NAME_RULE = "letters, digits, '_', '.', '-', not starting with '.'"
 _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent"}
+HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent",
+             "ssh_host", "ssh_config", "jump", "become", "become_user"}
 HOST_DEFAULTS = {
     "connection": "ssh",
     "user": "root",
@@ -29,14 +31,19 @@ HOST_DEFAULTS = {
     "python": None,  # python3 on ssh hosts; this interpreter for the local connection
     "vars": {},
     "agent": True,
+    "become": False,
+    "become_user": "root",
 }
+# Taken from the ssh config when the inventory does not set them (ssh connections only).
+SSH_CONFIG_KEYS = ("user", "port", "key", "known_hosts")
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 CONNECTIONS = {"ssh", "local"}
 SERVICE_KEYS = {"role", "port", "backends", "ingress", "vars", "rollout"}
 ROLLOUT_KEYS = {"batch", "healthy_timeout"}
 BACKEND_KEYS = {"host", "port"}
 INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
 INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
-TOP_KEYS = {"defaults", "hosts", "services"}
+TOP_KEYS = {"defaults", "hosts", "services", "ssh_config"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,12 @@ class Host:
     python: str
     vars: dict = field(default_factory=dict, compare=False)  # for every role on this host
     agent: bool = True  # later runs go through fleet's agent on the host, skipping the login shell
+    # How SSH reaches it (user, port, key and known_hosts above are the resolved values too):
+    ssh_host: str | None = None  # what was looked up in the ssh config; None: address
+    target: sshconfig.Hop | None = None  # None: address, port, user, key and known_hosts as they are
+    jumps: tuple = ()  # sshconfig.Hop bastions in front of it, outermost first
+    become: bool = False  # run everything through sudo -n -u become_user
+    become_user: str = "root"
 
 
 @dataclass(frozen=True)
@@ -148,14 +161,18 @@ def parse(source, known_roles):
     base = os.path.dirname(os.path.abspath(source.path))
     secrets = set()
     _resolve_secrets(source, (), data, secrets)
-    defaults = dict(HOST_DEFAULTS)
+    defaults = {}  # what the inventory sets for every host: it wins over the ssh config
     if "defaults" in data:
         _mapping(source, ("defaults",), data["defaults"])
-        _known_keys(source, ("defaults",), data["defaults"], HOST_KEYS - {"address"})
+        _known_keys(source, ("defaults",), data["defaults"], HOST_KEYS - {"address", "ssh_host"})
         defaults.update(data["defaults"])
+    if "ssh_config" in data:
+        defaults.setdefault("ssh_config", data["ssh_config"])
     _mapping(source, ("hosts",), data["hosts"], required=True)
-    hosts = {_name(source, ("hosts", name), name): _host(source, name, spec, defaults, base)
+    ssh = _SSHResolution(source, base, data)
+    hosts = {_name(source, ("hosts", name), name): _host(source, name, spec, defaults, base, ssh)
              for name, spec in data["hosts"].items()}
+    hosts = ssh.with_jumps(hosts)
     _check_same_targets(source, hosts)
     _mapping(source, ("services",), data["services"], required=True)
     services = {_name(source, ("services", name), name): _service(source, name, spec, hosts, known_roles)
@@ -189,16 +206,17 @@ def _resolve_secrets(source, keys, value, secrets):
             _resolve_secrets(source, keys + (i,), item, secrets)
 
 
-def _host(source, name, spec, defaults, base):
+def _host(source, name, spec, defaults, base, ssh):
     keys = ("hosts", name)
     _mapping(source, keys, spec, required=True)
     _known_keys(source, keys, spec, HOST_KEYS)
-    values = dict(defaults, **spec)
+    explicit = dict(defaults, **spec)
+    values = dict(HOST_DEFAULTS, **explicit)
     if "address" not in spec:
         raise source.error(keys, "missing required key 'address'")
     if values["python"] is None:
         values["python"] = sys.executable if values["connection"] == "local" else "python3"
-    for key in ("address", "user", "root", "python", "known_hosts"):
+    for key in ("address", "user", "root", "python", "known_hosts", "become_user"):
         _string(source, keys + (key,), values[key])
     _address(source, keys + ("address",), values["address"])
     if values["connection"] not in CONNECTIONS:
@@ -207,8 +225,13 @@ def _host(source, name, spec, defaults, base):
     if values["key"] is not None:
         _string(source, keys + ("key",), values["key"])
     _mapping(source, keys + ("vars",), values["vars"])
-    if not isinstance(values["agent"], bool):
-        raise source.error(keys + ("agent",), "must be true or false")
+    for key in ("agent", "become"):
+        if not isinstance(values[key], bool):
+            raise source.error(keys + (key,), "must be true or false")
+    if not _USER_NAME.fullmatch(values["become_user"]):
+        raise source.error(keys + ("become_user",), f"{values['become_user']!r} is not a user name")
+    if values["become"] and values["connection"] == "local":
+        raise source.error(keys + ("become",), "is for ssh hosts (run fleet itself as the user a local host needs)")
 
     def local_path(p):
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
@@ -217,10 +240,85 @@ def _host(source, name, spec, defaults, base):
     if values["connection"] == "local":
         root = local_path(root)
     _root(source, keys + ("root",), root)
-    return Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
+    host = Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
                 port=values["port"], key=local_path(values["key"]) if values["key"] else None,
                 known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"],
-                vars=values["vars"], agent=values["agent"])
+                vars=values["vars"], agent=values["agent"], become=values["become"],
+                become_user=values["become_user"])
+    if host.connection == "local":
+        return host
+    given = {k: explicit[k] for k in SSH_CONFIG_KEYS if explicit.get(k) is not None}
+    return ssh.resolve(host, explicit, {k: getattr(host, k) for k in given})
+
+
+class _SSHResolution:
+    """Resolves every ssh host's target through its ssh config, then its jumps (which may name
+    other inventory hosts, so they come second)."""
+
+    def __init__(self, source, base, data):
+        self.source, self.base = source, base
+        self.resolvers = {}
+        self.jump_specs = {}  # host name -> (keys, jump value) still to resolve
+
+    def _resolver(self, keys, path):
+        if path is not None:
+            _string(self.source, keys, path)
+        if path not in self.resolvers:
+            full = None if path is None else os.path.normpath(os.path.join(self.base, os.path.expanduser(path)))
+            try:
+                self.resolvers[path] = sshconfig.Resolver(full, required=path is not None)
+            except sshconfig.ConfigError as e:
+                raise self.source.error(keys, str(e)) from None
+        return self.resolvers[path]
+
+    def resolve(self, host, explicit, given):
+        keys = ("hosts", host.name)
+        config_keys = keys + ("ssh_config",) if "ssh_config" in explicit else ("ssh_config",)
+        resolver = self._resolver(config_keys, explicit.get("ssh_config"))
+        ssh_host = explicit.get("ssh_host", host.address)
+        _string(self.source, keys + ("ssh_host",), ssh_host)
+        if has_control_characters(ssh_host) or " " in ssh_host:
+            raise self.source.error(keys + ("ssh_host",), f"{ssh_host!r} is not a host name or ssh config alias")
+        try:
+            target, proxy = resolver.hop(ssh_host, defaults={k: getattr(host, k) for k in ("user", "port", "known_hosts")},
+                                         **given)
+        except sshconfig.ConfigError as e:
+            raise self.source.error(keys + ("ssh_host",), str(e)) from None
+        if "jump" in explicit:
+            jump = explicit["jump"]
+            if jump is not None and jump != "none":
+                _string(self.source, keys + ("jump",), jump)
+                self.jump_specs[host.name] = (keys + ("jump",), jump, resolver)
+        elif proxy:
+            self.jump_specs[host.name] = (keys + ("ssh_host",), proxy, resolver)
+        key = target.identity_files[0] if target.identity_files else None
+        return dataclasses.replace(host, ssh_host=ssh_host, target=target, user=target.user, port=target.port, key=key,
+                        known_hosts=target.known_hosts)
+
+    def with_jumps(self, hosts):
+        resolved = {}
+
+        def chain(name, seen):
+            if name in resolved or name not in self.jump_specs:
+                return resolved.get(name, ())
+            keys, spec, resolver = self.jump_specs[name]
+            host = hosts[name]
+            defaults = {"user": host.user, "key": host.key, "known_hosts": host.known_hosts}
+            hops = ()
+            for i, part in enumerate(p.strip() for p in spec.split(",")):
+                if part in seen:
+                    raise self.source.error(keys, f"jump {spec!r} loops back to {part}")
+                if part in hosts and hosts[part].target is not None:
+                    hops += (chain(part, seen + (part,)) if i == 0 else ()) + (hosts[part].target,)
+                    continue
+                try:
+                    hops += resolver.jump(part, defaults, follow=i == 0, seen=tuple(h.name for h in hops))
+                except sshconfig.ConfigError as e:
+                    raise self.source.error(keys, str(e)) from None
+            resolved[name] = hops
+            return hops
+
+        return {name: dataclasses.replace(host, jumps=chain(name, (name,))) for name, host in hosts.items()}
 
 
 def _service(source, name, spec, hosts, known_roles):
