@@ -379,13 +379,13 @@ def login(session_script, name, python, root, user, become_user=None, become_pas
                  Raw("-- true >/dev/null 2>&1 || { echo"), f"sudo on {name} refused the become password",
                  Raw("; exit 1; }")),
             line(Raw("{ printf '%s\\n' \"$p\""), _BECOME_END, Raw("; unset p; exec cat; } | sudo -S -p ''"),
-                 *sudo_user, skip),
+                 *sudo_user, str(skip)),  # str: a script is Raw, but here it is one quoted word
         ]
     else:
         steps += [
             line(Raw("if ! out=$(sudo -n -u"), become_user, Raw('-- true 2>&1); then case "$out" in *password*) echo'),
                  f"sudo on {name} wants a password: set up NOPASSWD for {user} or pass --ask-become-pass",
                  Raw(';; *) echo'), f"sudo on {name} fails:", Raw('"$out";; esac; exit 1; fi')),
-            line(Raw("exec sudo -n"), *sudo_user, inner),
+            line(Raw("exec sudo -n"), *sudo_user, str(inner)),  # str: one quoted word
         ]
     return script(*steps)

@@ -1,0 +1,118 @@
+"""Hosts as operators have them: a bastion, and private hosts on a network this machine cannot
+reach (a bridge with no address here, a blackhole route for its subnet); every login is a
+/bin/sh user who becomes root with sudo; an ssh config names them all (aliases, User,
+IdentityFile, UserKnownHostsFile, ProxyJump). The hosts' Python is Debian's /usr/bin/python3
+(see tests/hostlab.py BastionLab: a venv from it, with the services' packages)."""
+
+import os
+import re
+import socket
+
+import grpc
+import pytest
+
+from fleet import connection
+from friesian_services.inference import encode_instances
+from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
+from tests.conftest import load_inventory, run_fleet, write_inventory
+from tests.hostlab import BastionLab
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with BastionLab(private=2) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def inventory(lab, tmp_path_factory):
+    data = {"ssh_config": lab.ssh_config, "hosts": lab.inventory_hosts(), "services": {"inference": {
+        "port": 7073, "backends": ["p0", "p1"], "ingress": {"host": "h0", "port": 8083, "admin_port": 9090}}}}
+    return write_inventory(tmp_path_factory.mktemp("inv"), data)
+
+
+def owners(lab, host, port):
+    """User names owning the processes that listen on port, seen inside the host's namespace."""
+    out = lab.exec(host, "ss", "-Htlnp", f"sport = :{port}")
+    pids = set(re.findall(r"pid=(\d+)", out))
+    return {lab.exec(host, "ps", "-o", "user=", "-p", pid).strip() for pid in pids}
+
+
+def test_private_hosts_are_unreachable_from_here(lab):
+    with pytest.raises(OSError):
+        socket.create_connection((lab.host("p0").address, 22), timeout=2).close()
+
+
+def test_deploy_through_the_bastion_as_a_sudo_login(lab, inventory):
+    result = run_fleet("deploy", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2/2 backends healthy in Envoy" in result.stdout
+    for host in ("p0", "p1"):
+        assert owners(lab, host, 7073) == {"root"}
+    assert owners(lab, "h0", 8083) == {"root"}
+
+
+def test_20_calls_through_envoy_on_the_bastion_answer(lab, inventory):
+    with grpc.insecure_channel(f"{lab.host('h0').address}:8083") as channel:
+        stub = ranking_pb2_grpc.RankingStub(channel)
+        for _ in range(20):
+            reply = stub.doPredict(ranking_pb2.Content(encodedStr=encode_instances([[0.2] * 8])), timeout=10)
+            assert reply.predictStr
+
+
+def test_second_deploy_changes_nothing(lab, inventory):
+    result = run_fleet("deploy", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no changes" in result.stdout
+
+
+def test_hosts_behind_one_bastion_share_one_connection_to_it(lab, inventory):
+    inv = load_inventory(inventory)
+    before = _sshd_sessions(lab)
+    conns = [connection.connect(inv.hosts[name]) for name in ("p0", "p1")]
+    try:
+        for conn in conns:
+            channel = conn.client.get_transport().open_session()
+            channel.exec_command("true")
+            assert channel.recv_exit_status() == 0
+        # One new connection on the bastion for both private hosts.
+        assert _sshd_sessions(lab) - before == 1
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _sshd_sessions(lab):
+    """Established TCP connections to the bastion's sshd, seen inside its namespace."""
+    out = lab.exec("h0", "ss", "-Htn", "state", "established", "sport", "= :22")
+    return len([l for l in out.splitlines() if l.strip()])
+
+
+def test_a_root_the_login_cannot_write_names_the_key_to_change(lab, tmp_path):
+    hosts = lab.inventory_hosts(root="/opt/fleet-not-writable")
+    hosts["p0"]["become"] = False
+    data = {"ssh_config": lab.ssh_config, "hosts": {"p0": hosts["p0"]}, "services": {"inference": {
+        "port": 7073, "backends": ["p0"], "ingress": {"host": "p0", "port": 8083, "admin_port": 9090}}}}
+    result = run_fleet("deploy", "inference", "-i", write_inventory(tmp_path, data))
+    assert result.returncode == 1
+    assert (f"root /opt/fleet-not-writable is not writable by {lab.user}: set root: to a directory {lab.user} "
+            "can write, or become: true") in result.stdout
+    assert not os.path.exists("/opt/fleet-not-writable")
+
+
+def test_sudo_that_wants_a_password_is_one_line_naming_the_way_out(lab, tmp_path):
+    with open(lab.sudoers, "w") as f:
+        f.write(f"{lab.user} ALL=(ALL) ALL\n")
+    try:
+        # agent: false: this run's session is an SSH command (the agent of earlier runs needs no sudo).
+        data = {"ssh_config": lab.ssh_config, "hosts": {"p1": dict(lab.inventory_hosts()["p1"], agent=False)},
+                "services": {
+            "inference": {"port": 7073, "backends": ["p1"], "ingress": {"host": "p1", "port": 8083,
+                                                                        "admin_port": 9090}}}}
+        result = run_fleet("status", "inference", "-i", write_inventory(tmp_path, data))
+    finally:
+        with open(lab.sudoers, "w") as f:
+            f.write(f"{lab.user} ALL=(ALL) NOPASSWD: ALL\n")
+    assert result.returncode == 1
+    assert (f"sudo on p1 wants a password: set up NOPASSWD for {lab.user} or pass --ask-become-pass"
+            in result.stdout + result.stderr)
