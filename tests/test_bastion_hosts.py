@@ -7,6 +7,8 @@ IdentityFile, UserKnownHostsFile, ProxyJump). The hosts' Python is Debian's /usr
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from fleet import connection
 from friesian_services.inference import encode_instances
 from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
-from tests.conftest import load_inventory, run_fleet, write_inventory
+from tests.conftest import REPO, load_inventory, run_fleet, write_inventory
 from tests.hostlab import BastionLab
 
 
@@ -116,3 +118,47 @@ def test_sudo_that_wants_a_password_is_one_line_naming_the_way_out(lab, tmp_path
     assert result.returncode == 1
     assert (f"sudo on p1 wants a password: set up NOPASSWD for {lab.user} or pass --ask-become-pass"
             in result.stdout + result.stderr)
+
+
+def one_host_inventory(lab, tmp_path, name, **keys):
+    """inference on host `name` alone (its Envoy too), with agent: false, so that every run's
+    session is an SSH command (the agent of earlier runs needs no sudo and no preflight)."""
+    data = {"ssh_config": lab.ssh_config, "hosts": {name: dict(lab.inventory_hosts()[name], agent=False, **keys)},
+            "services": {"inference": {"port": 7073, "backends": [name],
+                                       "ingress": {"host": name, "port": 8083, "admin_port": 9090}}}}
+    return write_inventory(tmp_path, data)
+
+
+def fleet_with_input(text, *args):
+    """fleet without a terminal (its own session), `text` on its stdin: where getpass reads then."""
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], input=text, capture_output=True, text=True,
+                          timeout=120, cwd=REPO, start_new_session=True)
+
+
+def test_ask_become_pass_feeds_sudo_and_never_shows_the_password(lab, tmp_path):
+    password = "pw-" + "x7Q" * 4
+    subprocess.run(["chpasswd"], input=f"{lab.user}:{password}\n", text=True, check=True)
+    with open(lab.sudoers, "w") as f:
+        f.write(f"{lab.user} ALL=(ALL) ALL\n")
+    path = one_host_inventory(lab, tmp_path, "p1")
+    try:
+        good = fleet_with_input(password + "\n", "status", "inference", "--ask-become-pass", "-i", path)
+        wrong = fleet_with_input("not-it\n", "status", "inference", "--ask-become-pass", "-i", path)
+    finally:
+        with open(lab.sudoers, "w") as f:
+            f.write(f"{lab.user} ALL=(ALL) NOPASSWD: ALL\n")
+        subprocess.run(["usermod", "-p", "*", lab.user], check=True)
+    # The session ran as root through sudo: it sees the backend the first deploy started.
+    assert re.search(r"│ p1 +│ inference +│ running", good.stdout), good.stdout + good.stderr
+    assert "sudo on p1 refused the become password" in wrong.stdout, wrong.stdout + wrong.stderr
+    for result in (good, wrong):
+        assert password not in result.stdout + result.stderr
+    assert password not in lab.sshd_log("p1") + lab.sshd_log("h0")
+
+
+def test_preflight_names_what_a_host_lacks_before_anything_changes(lab, tmp_path):
+    path = one_host_inventory(lab, tmp_path, "p0", python="/nonexistent/python3", root="/srv/fleet-preflight")
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 1
+    assert "root on p0 lacks /nonexistent/python3 (preflight; nothing was changed)" in result.stdout
+    assert not os.path.exists(os.path.join(lab.host("p0").srv, "fleet-preflight"))
