@@ -4,6 +4,7 @@ Every key is documented in docs/inventory.md; errors name the file, line and key
 """
 
 import dataclasses
+import fnmatch
 import ipaddress
 import os
 import posixpath
@@ -11,7 +12,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from fleet import render, rollout, sshconfig, yamlsource
+from fleet import ansible_inventory, render, rollout, sshconfig, yamlsource
 
 # Host, service, role and process names become file names and log names on hosts.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # whole names: use fullmatch
@@ -43,7 +44,7 @@ ROLLOUT_KEYS = {"batch", "healthy_timeout"}
 BACKEND_KEYS = {"host", "port"}
 INGRESS_KEYS = {"host", "port", "admin_port", "listen_address", "vars"}
 INGRESS_DEFAULTS = {"admin_port": 9901, "listen_address": "0.0.0.0"}
-TOP_KEYS = {"defaults", "hosts", "services", "ssh_config"}
+TOP_KEYS = {"defaults", "hosts", "hosts_from", "services", "ssh_config"}
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Inventory:
     hosts: dict
     services: dict
     secrets: frozenset = frozenset()  # values that must never be shown
+    groups: dict = field(default_factory=dict)  # group name -> host names (Ansible groups, and `all`)
     source: object = field(default=None, compare=False)  # yamlsource.Located, for error lines
 
     def mask(self, text):
@@ -136,14 +138,28 @@ class Inventory:
         return {name: f"{self.ingress_address(s)}:{s.ingress.port}" for name, s in self.services.items()}
 
     def limit(self, spec):
-        """Host names selected by --limit (comma-separated names), or all hosts."""
+        """Host names selected by --limit (comma-separated host names, group names or glob
+        patterns such as 'web*'), or all hosts."""
         if not spec:
             return set(self.hosts)
-        names = {n.strip() for n in spec.split(",") if n.strip()}
-        unknown = sorted(names - set(self.hosts))
+        names, unknown = set(), []
+        for pattern in (n.strip() for n in spec.split(",") if n.strip()):
+            selected = select(pattern, self.hosts, self.groups)
+            names.update(selected)
+            if not selected:
+                unknown.append(pattern)
         if unknown:
-            raise self.source.error(("hosts",), f"--limit names unknown host(s): {', '.join(unknown)}")
+            raise self.source.error(("hosts",), f"--limit names unknown host(s): {', '.join(sorted(unknown))}")
         return names
+
+
+def select(pattern, hosts, groups):
+    """Host names that a name, a group name or a glob pattern stands for, in inventory order."""
+    if pattern in hosts:
+        return [pattern]
+    if pattern in groups:
+        return list(groups[pattern])
+    return [name for name in hosts if fnmatch.fnmatchcase(name, pattern)]
 
 
 def load(path, known_roles):
@@ -156,7 +172,7 @@ def parse(source, known_roles):
     _mapping(source, (), data, required=True)
     _known_keys(source, (), data, TOP_KEYS)
     for key in ("hosts", "services"):
-        if key not in data:
+        if key not in data and not (key == "hosts" and "hosts_from" in data):
             raise source.error((), f"missing required key {key!r}")
     base = os.path.dirname(os.path.abspath(source.path))
     secrets = set()
@@ -168,17 +184,40 @@ def parse(source, known_roles):
         defaults.update(data["defaults"])
     if "ssh_config" in data:
         defaults.setdefault("ssh_config", data["ssh_config"])
-    _mapping(source, ("hosts",), data["hosts"], required=True)
+    specs, groups = _host_specs(source, data, base)
     ssh = _SSHResolution(source, base, data)
-    hosts = {_name(source, ("hosts", name), name): _host(source, name, spec, defaults, base, ssh)
-             for name, spec in data["hosts"].items()}
+    hosts = {_name(where, ("hosts", name), name): _host(where, name, spec, defaults, base, ssh)
+             for name, (where, spec) in specs.items()}
     hosts = ssh.with_jumps(hosts)
+    groups = dict(groups, all=tuple(hosts))
     _check_same_targets(source, hosts)
     _mapping(source, ("services",), data["services"], required=True)
-    services = {_name(source, ("services", name), name): _service(source, name, spec, hosts, known_roles)
+    services = {_name(source, ("services", name), name): _service(source, name, spec, hosts, groups, known_roles)
                 for name, spec in data["services"].items()}
     _check_port_conflicts(source, services, hosts)
-    return Inventory(path=source.path, hosts=hosts, services=services, secrets=frozenset(secrets), source=source)
+    return Inventory(path=source.path, hosts=hosts, services=services, secrets=frozenset(secrets), source=source,
+                     groups=groups)
+
+
+def _host_specs(source, data, base):
+    """({host name: (where it was written, its keys)}, {group: host names}): the hosts of
+    `hosts_from` (an Ansible inventory) with `hosts:` entries added or laid over them."""
+    specs, groups = {}, {}
+    if "hosts_from" in data:
+        _string(source, ("hosts_from",), data["hosts_from"])
+        ansible = ansible_inventory.load(os.path.join(base, os.path.expanduser(data["hosts_from"])))
+        for name, spec in ansible.source.data["hosts"].items():
+            specs[name] = (ansible.source, dict({"address": name}, **spec))
+        groups = {name: members for name, members in ansible.groups.items() if name != "all"}
+    if "hosts" in data:
+        _mapping(source, ("hosts",), data["hosts"], required="hosts_from" not in data)
+        for name, spec in data["hosts"].items():
+            if name in specs and isinstance(spec, dict):
+                spec = dict(specs[name][1], **spec)
+            specs[name] = (source, spec)
+    if not specs:
+        raise source.error(("hosts_from",), "defines no host")
+    return specs, groups
 
 
 def _resolve_secrets(source, keys, value, secrets):
@@ -321,7 +360,7 @@ class _SSHResolution:
         return {name: dataclasses.replace(host, jumps=chain(name, (name,))) for name, host in hosts.items()}
 
 
-def _service(source, name, spec, hosts, known_roles):
+def _service(source, name, spec, hosts, groups, known_roles):
     keys = ("services", name)
     _mapping(source, keys, spec, required=True)
     _known_keys(source, keys, spec, SERVICE_KEYS)
@@ -335,7 +374,7 @@ def _service(source, name, spec, hosts, known_roles):
     port = _port(source, keys + ("port",), spec["port"])
     backends_spec = spec["backends"]
     if not isinstance(backends_spec, list) or not backends_spec:
-        raise source.error(keys + ("backends",), "must be a non-empty list of host names")
+        raise source.error(keys + ("backends",), "must be a non-empty list of host names, groups or patterns")
     backends = []
     for i, item in enumerate(backends_spec):
         bkeys = keys + ("backends", i)
@@ -343,13 +382,17 @@ def _service(source, name, spec, hosts, known_roles):
             _known_keys(source, bkeys, item, BACKEND_KEYS)
             if "host" not in item:
                 raise source.error(bkeys, "missing required key 'host'")
-            host, bport = item["host"], _port(source, bkeys + ("port",), item.get("port", port))
+            _defined_host(source, bkeys + ("host",), item["host"], hosts)
+            selected, bport = [item["host"]], _port(source, bkeys + ("port",), item.get("port", port))
         else:
-            host, bport = item, port
-        _defined_host(source, bkeys, host, hosts)
-        if any(b.host == host for b in backends):
-            raise source.error(bkeys, f"host {host!r} is listed twice (one backend per host per service)")
-        backends.append(Backend(host=host, port=bport))
+            selected, bport = select(item, hosts, groups) if isinstance(item, str) else [], port
+            if not selected:
+                raise source.error(bkeys, f"host {item!r} is not defined under 'hosts' (nor a group, nor a "
+                                          "pattern matching a host)")
+        for host in selected:
+            if any(b.host == host for b in backends):
+                raise source.error(bkeys, f"host {host!r} is listed twice (one backend per host per service)")
+            backends.append(Backend(host=host, port=bport))
     ikeys = keys + ("ingress",)
     ingress_spec = spec["ingress"]
     _mapping(source, ikeys, ingress_spec, required=True)
