@@ -162,3 +162,21 @@ def test_preflight_names_what_a_host_lacks_before_anything_changes(lab, tmp_path
     assert result.returncode == 1
     assert "root on p0 lacks /nonexistent/python3 (preflight; nothing was changed)" in result.stdout
     assert not os.path.exists(os.path.join(lab.host("p0").srv, "fleet-preflight"))
+
+
+def test_a_jump_chain_goes_through_every_hop(lab, tmp_path):
+    """p1 through h0 and then p0: p1's sshd sees the connection come from p0."""
+    hosts = {"p1": dict(lab.inventory_hosts()["p1"], jump="lab-h0,lab-p0")}
+    data = {"ssh_config": lab.ssh_config, "hosts": hosts, "services": {"inference": {
+        "port": 7073, "backends": ["p1"], "ingress": {"host": "p1", "port": 8083, "admin_port": 9090}}}}
+    host = load_inventory(write_inventory(tmp_path, data)).hosts["p1"]
+    assert [hop.hostname for hop in host.jumps] == [lab.host("h0").address, lab.host("p0").address]
+    conn = connection.connect(host)
+    try:
+        channel = conn.client.get_transport().open_session()
+        channel.exec_command("true")
+        assert channel.recv_exit_status() == 0
+        peers = lab.exec("p1", "ss", "-Htn", "state", "established", "sport", "= :22")
+        assert f"{lab.host('p0').address}:" in peers
+    finally:
+        conn.close()
