@@ -333,7 +333,8 @@ class SSHConnection:
         """Starts the session command: the preflight, then the session (through sudo with become)."""
         host = self.host
         password = _become_password if host.become else None
-        channel.exec_command(commands.login(session_script, host.name, host.python, host.root, host.user,
+        channel.exec_command(commands.login(session_script, host.name, host.venv_from or host.python, host.root,
+                                            host.user,
                                             become_user=host.become_user if host.become else None,
                                             become_password=password is not None))
         if password is not None:

@@ -21,7 +21,7 @@ _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 HOST_KEYS = {"address", "connection", "user", "port", "key", "known_hosts", "root", "python", "vars", "agent",
-             "ssh_host", "ssh_config", "jump", "become", "become_user"}
+             "ssh_host", "ssh_config", "jump", "become", "become_user", "venv"}
 HOST_DEFAULTS = {
     "connection": "ssh",
     "user": "root",
@@ -34,6 +34,7 @@ HOST_DEFAULTS = {
     "agent": True,
     "become": False,
     "become_user": "root",
+    "venv": False,
 }
 # Taken from the ssh config when the inventory does not set them (ssh connections only).
 SSH_CONFIG_KEYS = ("user", "port", "key", "known_hosts")
@@ -66,6 +67,7 @@ class Host:
     jumps: tuple = ()  # sshconfig.Hop bastions in front of it, outermost first
     become: bool = False  # run everything through sudo -n -u become_user
     become_user: str = "root"
+    venv_from: str | None = None  # venv: true: the host's interpreter fleet builds ROOT/venv (python) from
 
 
 @dataclass(frozen=True)
@@ -264,13 +266,14 @@ def _host(source, name, spec, defaults, base, ssh):
     if values["key"] is not None:
         _string(source, keys + ("key",), values["key"])
     _mapping(source, keys + ("vars",), values["vars"])
-    for key in ("agent", "become"):
+    for key in ("agent", "become", "venv"):
         if not isinstance(values[key], bool):
             raise source.error(keys + (key,), "must be true or false")
     if not _USER_NAME.fullmatch(values["become_user"]):
         raise source.error(keys + ("become_user",), f"{values['become_user']!r} is not a user name")
-    if values["become"] and values["connection"] == "local":
-        raise source.error(keys + ("become",), "is for ssh hosts (run fleet itself as the user a local host needs)")
+    for key in ("become", "venv"):
+        if values[key] and values["connection"] == "local":
+            raise source.error(keys + (key,), "is for ssh hosts (a local host runs with fleet's own environment)")
 
     def local_path(p):
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
@@ -279,11 +282,13 @@ def _host(source, name, spec, defaults, base, ssh):
     if values["connection"] == "local":
         root = local_path(root)
     _root(source, keys + ("root",), root)
+    # venv: true: the services run with the venv fleet builds under root from the host's python.
+    python = posixpath.join(root, "venv", "bin", "python") if values["venv"] else values["python"]
     host = Host(name=name, address=values["address"], connection=values["connection"], user=values["user"],
                 port=values["port"], key=local_path(values["key"]) if values["key"] else None,
-                known_hosts=local_path(values["known_hosts"]), root=root, python=values["python"],
+                known_hosts=local_path(values["known_hosts"]), root=root, python=python,
                 vars=values["vars"], agent=values["agent"], become=values["become"],
-                become_user=values["become_user"])
+                become_user=values["become_user"], venv_from=values["python"] if values["venv"] else None)
     if host.connection == "local":
         return host
     given = {k: explicit[k] for k in SSH_CONFIG_KEYS if explicit.get(k) is not None}

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, facts, plan, protocol, rollout, ui, verify
+from fleet import commands, connection, facts, hostenv, plan, protocol, rollout, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
@@ -99,6 +99,8 @@ class Fleet:
             use_agent = host.agent and host.connection == "ssh"
             shell, via_agent = conn.start_session(script, self.agents.get(host, AGENT_VERSION) if use_agent else None,
                                                   shell_slot=self._shell_slots)
+            if self.options.lock and not self.options.check:  # only runs that may change hosts
+                hostenv.prepare(host, shell)  # venv: true: the services' dependencies, before the agent runs
             self._links[host.name] = _Link(conn, shell)
             if use_agent and not via_agent:
                 self._start_agent(host, shell)

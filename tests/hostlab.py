@@ -10,12 +10,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import tomllib
 import time
 from dataclasses import dataclass
 
 SUBNET_BASE = "10.213"  # 10.213.<lab>.0/24, a subnet that exists only inside this machine
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LabError(RuntimeError):
@@ -231,7 +229,6 @@ class BastionLab(HostLab):
         self.user = f"fleet{self.lab_id}"
         self.sudoers = f"/etc/sudoers.d/fleet-lab-{self.lab_id}"
         self.ssh_config = os.path.join(self.dir, "ssh_config")
-        self.python = os.path.join(self.dir, "venv", "bin", "python")
         self.created_user = self.blackholed = False
 
     def create(self):
@@ -259,7 +256,6 @@ class BastionLab(HostLab):
             self._start_sshd(host)
         self._wait_private(private)
         self._write_ssh_config()
-        self._build_venv()
 
     def _wait_private(self, hosts, timeout=20):
         """sshd listening, seen from inside each host (this machine cannot reach them)."""
@@ -278,19 +274,11 @@ class BastionLab(HostLab):
             f.write(f"Host lab-*\n  User {self.user}\n  IdentityFile {self.client_key}\n  IdentitiesOnly yes\n"
                     f"  UserKnownHostsFile {self.known_hosts}\n")
 
-    def _build_venv(self):
-        """A venv from Debian's /usr/bin/python3 with the services' dependencies (hosts share this
-        filesystem): what an operator builds by hand where fleet's fresh-host path is not used."""
-        with open(os.path.join(REPO, "services", "pyproject.toml"), "rb") as f:
-            requirements = tomllib.load(f)["project"]["dependencies"]
-        venv = os.path.dirname(os.path.dirname(self.python))
-        _run("/usr/bin/python3", "-m", "venv", venv)
-        _run(self.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements)
-
     def inventory_hosts(self, root="/srv/fleet"):
-        """Every host by its ssh config alias, as the login user with become: true."""
-        return {h.name: {"address": h.address, "ssh_host": f"lab-{h.name}", "root": root, "python": self.python,
-                         "become": True} for h in self.hosts}
+        """Every host by its ssh config alias, as the login user with become: true; Debian's
+        /usr/bin/python3 (no grpcio) is their Python, and fleet builds the venv the services need."""
+        return {h.name: {"address": h.address, "ssh_host": f"lab-{h.name}", "root": root,
+                         "python": "/usr/bin/python3", "venv": True, "become": True} for h in self.hosts}
 
     def destroy(self):
         super().destroy()

@@ -1,8 +1,8 @@
 """Hosts as operators have them: a bastion, and private hosts on a network this machine cannot
 reach (a bridge with no address here, a blackhole route for its subnet); every login is a
 /bin/sh user who becomes root with sudo; an ssh config names them all (aliases, User,
-IdentityFile, UserKnownHostsFile, ProxyJump). The hosts' Python is Debian's /usr/bin/python3
-(see tests/hostlab.py BastionLab: a venv from it, with the services' packages)."""
+IdentityFile, UserKnownHostsFile, ProxyJump). The hosts' Python is Debian's /usr/bin/python3,
+without grpcio: fleet builds their venv (venv: true) from wheels it fetches for their platform."""
 
 import os
 import re
@@ -46,11 +46,18 @@ def test_private_hosts_are_unreachable_from_here(lab):
 
 
 def test_deploy_through_the_bastion_as_a_sudo_login(lab, inventory):
+    assert subprocess.run(["/usr/bin/python3", "-c", "import grpc"], capture_output=True).returncode != 0
     result = run_fleet("deploy", "inference", "-i", inventory)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2/2 backends healthy in Envoy" in result.stdout
     for host in ("p0", "p1"):
         assert owners(lab, host, 7073) == {"root"}
+        srv = lab.host(host).srv
+        # The backend runs with the venv fleet built from /usr/bin/python3 and pushed wheels.
+        with open(os.path.join(srv, "fleet", "run", "inference.cmd")) as f:
+            assert f.read().startswith("/srv/fleet/venv/bin/python ")
+        wheels = os.listdir(os.path.join(srv, "fleet", "wheels"))
+        assert any(re.fullmatch(r"[0-9a-f]{16}-grpcio-.*manylinux.*\.whl", w) for w in wheels), wheels
     assert owners(lab, "h0", 8083) == {"root"}
 
 
