@@ -45,7 +45,8 @@ def build_parser():
     targets.add_argument("--project", metavar="DIR", help="project directory whose roles/, templates/ and playbooks/ "
                                                           "add to or override the built-in ones (default: the "
                                                           "inventory's directory; without -i, the current one)")
-    targets.add_argument("-l", "--limit", help="only these hosts (comma-separated names)").completer = _host_names
+    targets.add_argument("-l", "--limit", help="only these hosts (comma-separated host names, group names or "
+                                               "patterns like 'web*')").completer = _host_names
     targets.add_argument("--accept-new-host-keys", action="store_true",
                          help="trust and record host keys of hosts not yet in known_hosts (never a changed key)")
     targets.add_argument("--ask-become-pass", action="store_true",
