@@ -5,7 +5,6 @@ local: this machine, through /bin/sh, for the embedded default inventory.
 Both run commands.session() and feed it step scripts through a ScriptSession."""
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -303,13 +302,18 @@ class SSHConnection:
         self.host = host
         hop = target(host)
         sock = _JUMPS.channel(host.jumps, hop, accept_new_host_keys, timeout) if host.jumps else None
+        self._jumps = host.jumps  # the chain this connection holds, until close()
         try:
             self.client = _open_client(hop, accept_new_host_keys, timeout, sock=sock,
                                        via=f" (through {host.jumps[-1].name})" if host.jumps else "")
         except ConnectFailed:
-            if host.jumps:
-                _JUMPS.release(host.jumps)
+            self._release_jumps()
             raise
+
+    def _release_jumps(self):
+        if self._jumps:
+            _JUMPS.release(self._jumps)
+            self._jumps = ()  # once, however often close() is called
 
     def start_session(self, script, agent=None, shell_slot=contextlib.nullcontext()):
         """(ScriptSession, whether it runs through the host's agent). With `agent` (port, token),
@@ -368,9 +372,7 @@ class SSHConnection:
 
     def close(self):
         self.client.close()
-        if self.host.jumps:
-            _JUMPS.release(self.host.jumps)
-            self.host = dataclasses.replace(self.host, jumps=())  # released once, however often closed
+        self._release_jumps()
 
 
 class AgentCache:
