@@ -184,8 +184,6 @@ def parse(source, known_roles):
         _mapping(source, ("defaults",), data["defaults"])
         _known_keys(source, ("defaults",), data["defaults"], HOST_KEYS - {"address", "ssh_host"})
         defaults.update(data["defaults"])
-    if "ssh_config" in data:
-        defaults.setdefault("ssh_config", data["ssh_config"])
     specs, groups = _host_specs(source, data, base)
     ssh = _SSHResolution(source, base, data)
     hosts = {_name(where, ("hosts", name), name): _host(where, name, spec, defaults, base, ssh)
@@ -292,7 +290,7 @@ def _host(source, name, spec, defaults, base, ssh):
     if host.connection == "local":
         return host
     given = {k: explicit[k] for k in SSH_CONFIG_KEYS if explicit.get(k) is not None}
-    return ssh.resolve(host, explicit, {k: getattr(host, k) for k in given})
+    return ssh.resolve(host, explicit, {k: getattr(host, k) for k in given}, spec, defaults)
 
 
 class _SSHResolution:
@@ -300,7 +298,7 @@ class _SSHResolution:
     other inventory hosts, so they come second)."""
 
     def __init__(self, source, base, data):
-        self.source, self.base = source, base
+        self.source, self.base, self.data = source, base, data
         self.resolvers = {}
         self.jump_specs = {}  # host name -> (keys, jump value) still to resolve
 
@@ -315,10 +313,13 @@ class _SSHResolution:
                 raise self.source.error(keys, str(e)) from None
         return self.resolvers[path]
 
-    def resolve(self, host, explicit, given):
+    def resolve(self, host, explicit, given, spec, defaults):
         keys = ("hosts", host.name)
-        config_keys = keys + ("ssh_config",) if "ssh_config" in explicit else ("ssh_config",)
-        resolver = self._resolver(config_keys, explicit.get("ssh_config"))
+        # The ssh config file: the host's, else under defaults, else the top level's, else ~/.ssh/config.
+        config_keys = next((k for k, d in ((keys, spec), (("defaults",), defaults), ((), self.data))
+                            if "ssh_config" in d), ())
+        path = self.data.get("ssh_config") if config_keys == () else explicit["ssh_config"]
+        resolver = self._resolver(config_keys + ("ssh_config",), path)
         ssh_host = explicit.get("ssh_host", host.address)
         _string(self.source, keys + ("ssh_host",), ssh_host)
         if has_control_characters(ssh_host) or " " in ssh_host:
