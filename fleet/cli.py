@@ -8,6 +8,7 @@ pending; 130 interrupted."""
 
 import argparse
 import dataclasses
+import getpass
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from importlib import metadata
 import argcomplete
 
 from fleet import __version__ as source_version
-from fleet import artifacts, desired, inventory, project, releases, report, rollout, runner, ui, validate
+from fleet import artifacts, connection, desired, inventory, project, releases, report, rollout, runner, ui, validate
 from fleet.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHANGES_PENDING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -47,9 +48,12 @@ def build_parser():
     targets.add_argument("--project", metavar="DIR", help="project directory whose roles/, templates/ and playbooks/ "
                                                           "add to or override the built-in ones (default: the "
                                                           "inventory's directory; without -i, the current one)")
-    targets.add_argument("-l", "--limit", help="only these hosts (comma-separated names)").completer = _host_names
+    targets.add_argument("-l", "--limit", help="only these hosts (comma-separated host names, group names or "
+                                               "patterns like 'web*')").completer = _host_names
     targets.add_argument("--accept-new-host-keys", action="store_true",
                          help="trust and record host keys of hosts not yet in known_hosts (never a changed key)")
+    targets.add_argument("--ask-become-pass", action="store_true",
+                         help="ask once for the sudo password of hosts with become: true (never echoed or logged)")
     targets.add_argument("--json", action="store_true", help="print one JSON document on stdout and nothing else "
                                                              "(the terminal view goes to stderr)")
     locking = _Parser(add_help=False)  # commands that change hosts and so take their deploy lock
@@ -143,6 +147,8 @@ def host_states(proj, inv, services, limit):
 
 
 def open_fleet(args, inv, lock=True, check=False):
+    if args.ask_become_pass:
+        connection.use_become_password(getpass.getpass("sudo password for become hosts: "))
     return runner.Fleet(runner.Options(check=check, accept_new_host_keys=args.accept_new_host_keys, lock=lock,
                                        wait_lock=getattr(args, "wait_lock", 0),
                                        break_lock=getattr(args, "break_lock", False)), mask=inv.mask)

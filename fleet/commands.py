@@ -9,6 +9,7 @@ Quoting is structural: script lines are built with shell.line(), which quotes ev
 not shell.Raw, so no name, path or value from an inventory can become shell syntax. The fixed
 shell code below (_PRELUDE) refers to values only through quoted variables and arguments."""
 
+import re
 from dataclasses import dataclass
 
 from fleet import protocol as P
@@ -17,9 +18,14 @@ from fleet.shell import Raw, assign, line, script, word
 # Seconds a process has to exit after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 10
 
+def _with_markers(text):
+    """Fixed shell text with each %NAME% replaced by protocol.NAME: markers are defined once."""
+    return re.sub(r"%([A-Z_]+)%", lambda m: getattr(P, m.group(1)), text)
+
+
 # Functions shared by every step and by a switch (apply) running detached. A process is ours only
 # if its environment carries FLEET_PROC=<root>/<name>: a recycled pid is never mistaken for it.
-_PRELUDE = Raw(r"""
+_PRELUDE = Raw(_with_markers(r"""
 running() { alive "$(cat "$R/run/$1.pid" 2>/dev/null)" "$1"; }
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "FLEET_PROC=$R/$2"; }
 # Gone, or a zombie not yet reaped by the shell that started it.
@@ -27,14 +33,14 @@ gone() { ! kill -0 "$1" 2>/dev/null || [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/de
 procstate() {
   pid=$(cat "$R/run/$1.pid" 2>/dev/null); fp=$(cat "$R/run/$1.fp" 2>/dev/null)
   if alive "$pid" "$1"; then a=1; else a=0; fi
-  echo "@@proc $1 ${pid:--} $a ${fp:--}"
+  echo "%PROC% $1 ${pid:--} $a ${fp:--}"
 }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
-report_listeners() { echo "@@netstat"; listeners; echo "@@end"; }
+report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
 report_addresses() {
   if command -v ip >/dev/null 2>&1; then a=$(ip -o addr show 2>/dev/null | awk '{split($4, p, "/"); print p[1]}')
   else a=$(hostname -I 2>/dev/null); fi
-  echo "@@addresses $(echo "$a" | tr '\n' ' ')"
+  echo "%ADDRESSES% $(echo "$a" | tr '\n' ' ')"
 }
 # SIGTERM to every named process of ours at once, SIGKILL to those still there after the grace.
 stop_procs() {
@@ -81,24 +87,24 @@ wait_listen() {
   name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid"); waited=0; step=1
   hexports=; for port in "$@"; do hexports="$hexports $(printf '%04X' "$port")"; done
   while :; do
-    if gone "$pid"; then echo "@@fail $name exited before listening"; return 1; fi
+    if gone "$pid"; then echo "%FAIL% $name exited before listening"; return 1; fi
     ok=1; for hex in $hexports; do listening "$hex" "$pid" || { ok=0; break; }; done
     [ "$ok" = 1 ] && return 0
-    if [ "$waited" -ge $((timeout * 10)) ]; then echo "@@fail $name not listening on port(s) $* after ${timeout}s"; return 1; fi
+    if [ "$waited" -ge $((timeout * 10)) ]; then echo "%FAIL% $name not listening on port(s) $* after ${timeout}s"; return 1; fi
     # Back off from 0.1 s to 0.5 s between looks: fewer wake-ups while many services start.
     sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 5 ] && step=$((step + 1))
   done
 }
 log_tail() {
-  echo "@@log $1"; pos=$(cat "$R/run/$1.logpos" 2>/dev/null)
-  tail -c "+$((${pos:-0} + 1))" "$R/log/$1.log" 2>/dev/null | tail -n 20; echo "@@end"
+  echo "%LOG% $1"; pos=$(cat "$R/run/$1.logpos" 2>/dev/null)
+  tail -c "+$((${pos:-0} + 1))" "$R/log/$1.log" 2>/dev/null | tail -n 20; echo "%END%"
 }
 # Reads exactly $2 bytes of stdin into staging member $1, whatever happens: a write that fails
 # (a full disk) drains the rest, so the bytes of later files are never read as script lines.
 receive() {
   dd bs=65536 iflag=fullblock,count_bytes count="$2" status=none | { cat > "$S/$1" 2> "$S/$1.err" || { cat > /dev/null; false; }; }
   [ "$(wc -c < "$S/$1" 2>/dev/null)" -eq "$2" ] && return 0
-  echo "@@fail transfer $3 did not arrive whole: $(cat "$S/$1.err" 2>/dev/null || echo 'connection ended')"; return 1
+  echo "%FAIL% transfer $3 did not arrive whole: $(cat "$S/$1.err" 2>/dev/null || echo 'connection ended')"; return 1
 }
 # Puts staging member $1 at path $2 with mode $3, keeping the file it replaces for a rollback.
 place() {
@@ -118,17 +124,17 @@ recover() {
     [ -d "$d" ] || continue
     t=${d##*/}
     if [ -f "$d/outcome" ]; then
-      echo "@@switched $t $(cat "$d/outcome")"; [ "$1" = act ] && rm -rf "$d"
+      echo "%SWITCH_FINISHED% $t $(cat "$d/outcome")"; [ "$1" = act ] && rm -rf "$d"
     elif [ "$1" = act ]; then
-      sh "$d/switch.sh" rollback > "$d/recovery" 2>&1; grep '^@@' "$d/recovery"; rm -rf "$d"
+      sh "$d/switch.sh" rollback > "$d/recovery" 2>&1; grep '^%REPORT%' "$d/recovery"; rm -rf "$d"
     else
-      echo "@@unfinished $t"
+      echo "%UNFINISHED% $t"
     fi
   done
   [ "$1" = act ] && rm -rf "$R/.staging"
   return 0
 }
-""")
+"""))
 
 
 def prelude(root):
@@ -143,14 +149,14 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     """The one remote command of a run: takes the host's lock (flock, released when the session
     ends however it ends), then runs each step script sent on stdin, ended by a protocol.RUN
     line, in a subshell, answering protocol.DONE with its exit code. Ends at end of input."""
-    lines = [prelude(root), Raw('mkdir -p "$R" || { echo "@@fail session cannot create $R"; exit 1; }')]
+    lines = [prelude(root), Raw(f'mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}')]
     if lock:
         if break_lock:
-            acquire = Raw('echo "@@breaking $holder"; pid=${holder##*pid=}; pid=${pid%% *}; '
+            acquire = Raw(f'echo "{P.BREAKING} $holder"; pid=${{holder##*pid=}}; pid=${{pid%% *}}; '
                           '[ -n "$pid" ] && { kill -TERM "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; }; '
                           'flock -w 10 9')
         elif wait:
-            acquire = Raw(f'echo "@@waiting $holder"; flock -w {int(wait)} 9')
+            acquire = Raw(f'echo "{P.WAITING} $holder"; flock -w {int(wait)} 9')
         else:
             acquire = Raw("false")
         lines += [
@@ -278,7 +284,7 @@ def apply(plan, txid):
         Raw('rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous" || exit 3'),
         Raw('avail=$(df -Pk "$R" 2>/dev/null | awk \'NR == 2 { print $4 }\')'),
         Raw(f'if [ -n "$avail" ] && [ "$avail" -lt {need_kb} ]; then'),
-        Raw(f'  echo "@@fail disk $R has ${{avail}} KB free; this deploy needs {need_kb} KB"; '
+        Raw(f'  echo "{P.FAIL} disk $R has ${{avail}} KB free; this deploy needs {need_kb} KB"; '
             f'dd bs=65536 iflag=fullblock,count_bytes count={sum(s for _, s, _ in sizes) + len(switch_script)} '
             'status=none of=/dev/null; exit 3'),
         Raw("fi"),
@@ -510,3 +516,51 @@ def log_follow(positions):
             Raw('[ "$now" = - ] || chunk "$f" "$now" "$off"'),
         ]
     return script(*lines)
+
+
+# Ends what the controller sends ahead of the session when it gives sudo a password: the session
+# skips lines up to it, whether or not sudo read the password (it does not when it need not).
+_BECOME_END = P.BECOME_END
+
+
+def login(session_script, name, python, root, user, become_user=None, become_password=False):
+    """The SSH command of a session: a preflight that reports, in one line, everything the host
+    lacks before anything changes; then the session, through `sudo -u become_user` if given.
+    With `become_password`, the controller sends the password as the first line of input: it is
+    read into a shell variable and piped to sudo -S, never part of a command line or a file."""
+    lacks = [
+        line(Raw("if ! command -v"), python, Raw(">/dev/null 2>&1; then"), word(Raw('lacks="$lacks, "'), python)),
+        line(Raw("elif !"), python, Raw("-c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then"),
+             word(Raw('lacks="$lacks, python 3.9 or newer ($('), python, Raw(' -V 2>&1))"')), Raw("; fi")),
+        Raw('for t in flock setsid; do command -v "$t" >/dev/null 2>&1 || lacks="$lacks, $t"; done'),
+        Raw('command -v netstat >/dev/null 2>&1 || command -v ss >/dev/null 2>&1 || lacks="$lacks, netstat or ss"'),
+        line(Raw('[ -z "$lacks" ] || { echo "$(id -un) on"'), name,
+             Raw('"lacks ${lacks#, } (preflight; nothing was changed)"; exit 1; }')),
+    ]
+    fix = "set root: to a writable directory" if become_user else \
+        "set root: to a directory $(id -un) can write, or become: true"
+    writable = line(Raw("{ mkdir -p"), root, Raw("2>/dev/null && [ -w"), root, Raw("]; } || { echo root"), root,
+                    Raw(f'"is not writable by $(id -un): {fix}"; exit 1; }}'))
+    inner = script(Raw("lacks="), *lacks, writable, session_script)
+    if not become_user:
+        return inner
+    sudo_user = ["-u", become_user, "--", "sh", "-c"]
+    steps = [Raw('command -v sudo >/dev/null 2>&1 || { echo "no sudo on this host (become: true needs it)"; exit 1; }')]
+    if become_password:
+        skip = script(Raw(f'while IFS= read -r l; do [ "$l" = {_BECOME_END} ] && break; done'), inner)
+        steps += [
+            Raw("IFS= read -r p"),
+            line(Raw("printf '%s\\n' \"$p\" | sudo -S -p '' -u"), become_user,
+                 Raw("-- true >/dev/null 2>&1 || { echo"), f"sudo on {name} refused the become password",
+                 Raw("; exit 1; }")),
+            line(Raw("{ printf '%s\\n' \"$p\""), _BECOME_END, Raw("; unset p; exec cat; } | sudo -S -p ''"),
+                 *sudo_user, str(skip)),  # str: a script is Raw, but here it is one quoted word
+        ]
+    else:
+        steps += [
+            line(Raw("if ! out=$(sudo -n -u"), become_user, Raw('-- true 2>&1); then case "$out" in *password*) echo'),
+                 f"sudo on {name} wants a password: set up NOPASSWD for {user} or pass --ask-become-pass",
+                 Raw(';; *) echo'), f"sudo on {name} fails:", Raw('"$out";; esac; exit 1; fi')),
+            line(Raw("exec sudo -n"), *sudo_user, str(inner)),  # str: one quoted word
+        ]
+    return script(*steps)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from fleet import protocol
+from fleet import commands, protocol, sshconfig
 
 
 # paramiko logs refused channels to stderr; fleet reports what matters itself.
@@ -35,6 +35,18 @@ class Locked(ConnectFailed):
 class Result:
     exit_code: int
     output: str  # stdout and stderr, interleaved as produced
+
+
+# --ask-become-pass: kept here, out of every object that is shown, logged or passed to a host.
+_become_password = None
+
+
+def use_become_password(password):
+    """sudo on become hosts gets this password (on the session's input, never a command line)."""
+    global _become_password
+    if "\n" in password or "\r" in password:
+        raise ValueError("a become password cannot contain a line break")
+    _become_password = password
 
 
 def connect(host, accept_new_host_keys=False, timeout=10.0):
@@ -215,38 +227,135 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
                 f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
 
 
+def target(host):
+    """The host's SSH target as resolved on load, or one made of its address, port, user and key."""
+    if host.target is not None:
+        return host.target
+    return sshconfig.Hop(name=host.address, hostname=host.address, port=host.port, user=host.user,
+                         identity_files=(host.key,) if host.key else (), look_for_keys=host.key is None,
+                         known_hosts=host.known_hosts, accept_new_host_keys=False)
+
+
+def _open_client(hop, accept_new_host_keys, timeout, sock=None, via=""):
+    """A connected, authenticated SSHClient for `hop` (through `sock`, a channel of a jump host,
+    if given); every failure is a one-line ConnectFailed. `via` says through which jump host."""
+    client = paramiko.SSHClient()
+    if os.path.exists(hop.known_hosts):
+        client.load_host_keys(hop.known_hosts)
+    accept_new = accept_new_host_keys or hop.accept_new_host_keys
+    client.set_missing_host_key_policy(_AcceptNewPolicy(hop.known_hosts) if accept_new else paramiko.RejectPolicy())
+    try:
+        client.connect(hop.hostname, port=hop.port, username=hop.user, key_filename=list(hop.identity_files) or None,
+                       look_for_keys=hop.look_for_keys, allow_agent=hop.look_for_keys, timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout, sock=sock)
+    except paramiko.BadHostKeyException as e:
+        raise ConnectFailed(f"host key mismatch: {hop.hostname}{via} presented a {e.key.get_name()} key that does "
+                            f"not match {hop.known_hosts}; refusing to connect") from None
+    except paramiko.AuthenticationException:
+        raise ConnectFailed(f"authentication refused for {hop.user}@{hop.hostname}{via}") from None
+    except paramiko.SSHException as e:
+        if "not found in known_hosts" in str(e):
+            raise ConnectFailed(f"unknown host key: {hop.hostname}{via} is not in {hop.known_hosts} "
+                                "(add it, or pass --accept-new-host-keys to trust it on first contact)") from None
+        transport = client.get_transport()
+        if transport is None or not transport.remote_version:  # a port that accepts but says nothing
+            raise ConnectFailed(f"unreachable: {hop.hostname}:{hop.port}{via}: no SSH greeting within "
+                                f"{timeout:.0f} s") from None
+        raise ConnectFailed(f"ssh error{via}: {e}") from None
+    except paramiko.ssh_exception.NoValidConnectionsError as e:
+        reasons = sorted({err.strerror or str(err) for err in e.errors.values()})
+        raise ConnectFailed(f"unreachable: {hop.hostname}:{hop.port}{via}: {', '.join(reasons)}") from None
+    except (OSError, EOFError) as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ConnectFailed(f"unreachable: {hop.hostname}:{hop.port}{via}: {reason}") from None
+    return client
+
+
+class _Jumps:
+    """One SSH connection per chain of jump hosts, shared by every host behind it: each host's
+    connection is a direct-tcpip channel through it. Counted: the last host to close closes it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._chains = {}  # tuple of hops -> _Chain
+
+    def channel(self, jumps, hop, accept_new_host_keys, timeout):
+        """A channel to hop's address and port through the last of `jumps`; holds the chain until
+        release(jumps)."""
+        client = self._acquire(jumps, accept_new_host_keys, timeout)
+        try:
+            return client.get_transport().open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0),
+                                                       timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.release(jumps)
+            raise ConnectFailed(f"unreachable: {hop.hostname}:{hop.port} through {jumps[-1].name}: "
+                                f"{str(e) or type(e).__name__}") from None
+
+    def _acquire(self, jumps, accept_new_host_keys, timeout):
+        with self._lock:
+            chain = self._chains.setdefault(jumps, _Chain())
+            chain.users += 1
+        try:
+            with chain.connecting:  # the first host connects; those behind the same chain wait for it
+                if chain.error:
+                    raise ConnectFailed(chain.error)
+                if chain.client is None:
+                    *outer, last = jumps
+                    sock = self.channel(tuple(outer), last, accept_new_host_keys, timeout) if outer else None
+                    try:
+                        chain.client = _open_client(last, accept_new_host_keys, timeout, sock=sock,
+                                                    via=f" (jump host {last.name})")
+                    except ConnectFailed as e:
+                        chain.error = str(e)  # the hosts waiting behind it fail the same way, at once
+                        if outer:
+                            self.release(tuple(outer))
+                        raise
+            return chain.client
+        except ConnectFailed:
+            self.release(jumps)
+            raise
+
+    def release(self, jumps):
+        with self._lock:
+            chain = self._chains[jumps]
+            chain.users -= 1
+            if chain.users:
+                return
+            del self._chains[jumps]
+        if chain.client is not None:
+            chain.client.close()
+            if len(jumps) > 1:
+                self.release(jumps[:-1])
+
+
+class _Chain:
+    def __init__(self):
+        self.client = None  # paramiko.SSHClient of the chain's last jump host, once connected
+        self.users = 0  # hosts (and longer chains) holding it
+        self.error = None  # why connecting failed, for the hosts that were waiting
+        self.connecting = threading.Lock()
+
+
+_JUMPS = _Jumps()
+
+
 class SSHConnection:
     def __init__(self, host, accept_new_host_keys, timeout):
         self.host = host
-        self.client = paramiko.SSHClient()
-        if os.path.exists(host.known_hosts):
-            self.client.load_host_keys(host.known_hosts)
-        policy = _AcceptNewPolicy(host.known_hosts) if accept_new_host_keys else paramiko.RejectPolicy()
-        self.client.set_missing_host_key_policy(policy)
+        hop = target(host)
+        sock = _JUMPS.channel(host.jumps, hop, accept_new_host_keys, timeout) if host.jumps else None
+        self._jumps = host.jumps  # the chain this connection holds, until close()
         try:
-            self.client.connect(host.address, port=host.port, username=host.user, key_filename=host.key,
-                                look_for_keys=host.key is None, allow_agent=host.key is None, timeout=timeout,
-                                banner_timeout=timeout, auth_timeout=timeout)
-        except paramiko.BadHostKeyException as e:
-            raise ConnectFailed(f"host key mismatch: {host.address} presented a {e.key.get_name()} key that does "
-                                f"not match {host.known_hosts}; refusing to connect") from None
-        except paramiko.AuthenticationException:
-            raise ConnectFailed(f"authentication refused for {host.user}@{host.address}") from None
-        except paramiko.SSHException as e:
-            if "not found in known_hosts" in str(e):
-                raise ConnectFailed(f"unknown host key: {host.address} is not in {host.known_hosts} "
-                                    "(add it, or pass --accept-new-host-keys to trust it on first contact)") from None
-            transport = self.client.get_transport()
-            if transport is None or not transport.remote_version:  # a port that accepts but says nothing
-                raise ConnectFailed(f"unreachable: {host.address}:{host.port}: no SSH greeting within "
-                                    f"{timeout:.0f} s") from None
-            raise ConnectFailed(f"ssh error: {e}") from None
-        except paramiko.ssh_exception.NoValidConnectionsError as e:
-            reasons = sorted({err.strerror or str(err) for err in e.errors.values()})
-            raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {', '.join(reasons)}") from None
-        except (OSError, EOFError) as e:
-            reason = e.strerror or str(e) or type(e).__name__
-            raise ConnectFailed(f"unreachable: {host.address}:{host.port}: {reason}") from None
+            self.client = _open_client(hop, accept_new_host_keys, timeout, sock=sock,
+                                       via=f" (through {host.jumps[-1].name})" if host.jumps else "")
+        except ConnectFailed:
+            self._release_jumps()
+            raise
+
+    def _release_jumps(self):
+        if self._jumps:
+            _JUMPS.release(self._jumps)
+            self._jumps = ()  # once, however often close() is called
 
     def start_session(self, script, timeout, shell_slot=contextlib.nullcontext()):
         """A ScriptSession running `script` as the one SSH command of the run, started inside
@@ -261,7 +370,7 @@ class SSHConnection:
                 watchdog.start()
                 try:
                     channel.set_combine_stderr(True)
-                    channel.exec_command(script)
+                    self._exec(channel, script)
                 finally:
                     watchdog.cancel()
             except (OSError, EOFError, paramiko.SSHException) as e:
@@ -278,5 +387,17 @@ class SSHConnection:
             session.start(timeout)
         return session
 
+    def _exec(self, channel, session_script):
+        """Starts the session command: the preflight, then the session (through sudo with become)."""
+        host = self.host
+        password = _become_password if host.become else None
+        channel.exec_command(commands.login(session_script, host.name, host.venv_from or host.python, host.root,
+                                            host.user,
+                                            become_user=host.become_user if host.become else None,
+                                            become_password=password is not None))
+        if password is not None:
+            channel.sendall(password.encode() + b"\n")
+
     def close(self):
         self.client.close()
+        self._release_jumps()

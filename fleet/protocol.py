@@ -32,6 +32,10 @@ ROLLED_BACK = "@@rolledback"  # `@@rolledback NAME`: its previous version is run
 SWITCH_FINISHED = "@@switched"  # `@@switched TXID EXIT`: a switch that ended while no controller listened
 RECOVERED = "@@recovered"  # `@@recovered TXID`: an interrupted switch, rolled back by this run
 UNFINISHED = "@@unfinished"  # `@@unfinished TXID`: an interrupted switch seen by a read-only run
+BECOME_END = "@@become-end"  # controller -> host, ahead of the session: the become password's end
+PLATFORM = "@@platform"  # `@@platform MACHINE LIBC LIBC_VERSION PYTHON_VERSION` (fleet/hostenv.py)
+VENV = "@@venv"  # `@@venv WHEEL_SET` (empty: no venv built by fleet)
+WHEELS = "@@wheels"  # `@@wheels NAME ...`: the wheels already under ROOT/wheels
 OUTCOME = "@@outcome"  # `@@outcome EXIT`: last line of a switch's journal
 # Releases and logs (fleet/releases.py, `fleet releases`, `rollback`, `logs`).
 RELEASE = "@@release"  # `@@release SERVICE ID`, the base64 of its manifest.json, END
@@ -43,9 +47,12 @@ LOG_CHUNK = "@@logchunk"  # `@@logchunk NAME INODE OFFSET`, the base64 of log by
 END = "@@end"  # ends a block (CONTENT, NETSTAT, LOG, RELEASE, LOG_CHUNK)
 
 
+REPORT = "@@"  # what every marker starts with
+
+
 def is_report(line):
     """A protocol line, as opposed to free text printed by a command."""
-    return line.startswith("@@")
+    return line.startswith(REPORT)
 
 
 def frame(script):

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, desired, facts, plan, protocol, releases, rollout, ui, verify
+from fleet import commands, connection, desired, facts, hostenv, plan, protocol, releases, rollout, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
@@ -104,6 +104,8 @@ class Fleet:
                                       break_lock=self.options.break_lock)
             start = SESSION_START_SECONDS + self.options.wait_lock + BREAK_LOCK_SECONDS * self.options.break_lock
             shell = conn.start_session(script, start, shell_slot=self._shell_slots)
+            if self.options.lock and not self.options.check:  # only runs that may change hosts
+                hostenv.prepare(host, shell)  # venv: true: the services' dependencies
             self._links[host.name] = _Link(conn, shell, host)
         except connection.ConnectFailed as e:
             if conn is not None:

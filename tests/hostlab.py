@@ -116,26 +116,20 @@ class HostLab:
             self._start_sshd(host)
         self.wait_ready()
 
-    def _create_host(self, i):
-        namespace = f"{self.tag}h{i}"
-        veth = f"{self.tag}v{i}"
-        address = f"{SUBNET_BASE}.{self.lab_id}.{10 + i}"
+    def _create_host(self, i, kind="h", bridge=None, subnet=None):
+        namespace = f"{self.tag}{kind}{i}"
+        address = f"{subnet or f'{SUBNET_BASE}.{self.lab_id}'}.{10 + i}"
         _run("ip", "netns", "add", namespace)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
-        _run("ip", "link", "set", f"{veth}p", "netns", namespace)
-        _run("ip", "link", "set", veth, "master", self.bridge)
-        _run("ip", "link", "set", veth, "up")
         _run("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
-        _run("ip", "netns", "exec", namespace, "ip", "link", "set", f"{veth}p", "name", "eth0")
-        _run("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
-        _run("ip", "netns", "exec", namespace, "ip", "link", "set", "eth0", "up")
+        self._add_interface(namespace, f"{self.tag}{'v' if kind == 'h' else kind}{i}", bridge or self.bridge,
+                            "eth0", address)
         srv = os.path.join(self.dir, namespace, "srv")
         os.makedirs(srv)
         if self.user:
             # The bind mount makes this /srv, so lab.dir's 0700 does not stand in the user's way.
             os.makedirs(os.path.join(srv, "fleet"))
             shutil.chown(os.path.join(srv, "fleet"), self.user, self.user)
-        host = LabHost(name=f"h{i}", namespace=namespace, address=address, srv=srv)
+        host = LabHost(name=f"{kind}{i}", namespace=namespace, address=address, srv=srv)
         key = os.path.join(self.dir, namespace, "ssh_host_ed25519_key")
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
         self.host_key_files[host.name] = key
@@ -158,6 +152,16 @@ class HostLab:
                 f.write(f"{self.user} ALL=(ALL) NOPASSWD: ALL\n")
             os.chmod(self.sudoers, 0o440)
             _run("visudo", "-cqf", self.sudoers)
+
+    def _add_interface(self, namespace, veth, bridge, name, address):
+        """A veth pair: one end on `bridge`, the other in the namespace as `name` with address/24."""
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
+        _run("ip", "link", "set", f"{veth}p", "netns", namespace)
+        _run("ip", "link", "set", veth, "master", bridge)
+        _run("ip", "link", "set", veth, "up")
+        _run("ip", "netns", "exec", namespace, "ip", "link", "set", f"{veth}p", "name", name)
+        _run("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", name)
+        _run("ip", "netns", "exec", namespace, "ip", "link", "set", name, "up")
 
     def _sshd_config(self, host):
         path = os.path.join(self.dir, host.namespace, "sshd_config")
@@ -289,3 +293,83 @@ LogLevel VERBOSE
             # Its processes lived in the namespaces, killed above; -r removes its home.
             subprocess.run(["userdel", "-r", self.user], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class BastionLab(HostLab):
+    """A bastion (h0, on the lab's bridge) and private hosts p0, p1, ... on a second bridge that has
+    no address on this machine, reachable only through the bastion's second interface (a blackhole
+    route keeps a direct attempt on this machine). Every login is `user`, a /bin/sh account with
+    passwordless sudo; `ssh_config` reaches every host by an alias (lab-h0, lab-p0, ...). Uses lab
+    ids lab_id and lab_id + 1 (the private subnet)."""
+
+    def __init__(self, private=2, lab_id=None):
+        super().__init__(1, lab_id)
+        self.private = private
+        self.private_subnet = f"{SUBNET_BASE}.{self.lab_id + 1}"
+        self.private_bridge = f"{self.tag}pbr"
+        self.user = f"fleet{self.lab_id}"
+        self.sudoers = f"/etc/sudoers.d/fleet-lab-{self.lab_id}"
+        self.ssh_config = os.path.join(self.dir, "ssh_config")
+        self.created_user = self.blackholed = False
+
+    def create(self):
+        if not shutil.which("sudo"):
+            raise LabError("sudo not installed (Debian package sudo)")
+        subprocess.run(["userdel", "-r", self.user], capture_output=True)  # left by a run that was killed
+        _run("useradd", "-m", "-s", "/bin/sh", "-p", "*", self.user)
+        self.created_user = True
+        with open(self.sudoers, "w") as f:
+            f.write(f"{self.user} ALL=(ALL) NOPASSWD: ALL\n")
+        os.chmod(self.sudoers, 0o440)
+        os.chmod(self.dir, 0o755)  # sshd reads the authorized key (the .pub) as the login user
+        super().create()
+        _run("ip", "link", "add", self.private_bridge, "type", "bridge")
+        _run("ip", "link", "set", self.private_bridge, "up")
+        _run("ip", "route", "add", "blackhole", f"{self.private_subnet}.0/24")
+        self.blackholed = True
+        bastion = self.hosts[0]
+        self._add_interface(bastion.namespace, f"{self.tag}b", self.private_bridge, "eth1", f"{self.private_subnet}.1")
+        private = [self._create_host(i, kind="p", bridge=self.private_bridge, subnet=self.private_subnet)
+                   for i in range(self.private)]
+        self.hosts += private
+        self._write_known_hosts()
+        for host in private:
+            self._start_sshd(host)
+        self._wait_private(private)
+        self._write_ssh_config()
+
+    def _wait_private(self, hosts, timeout=20):
+        """sshd listening, seen from inside each host (this machine cannot reach them)."""
+        deadline = time.monotonic() + timeout
+        for host in hosts:
+            while f"{host.address}:22" not in self.exec(host.name, "ss", "-Htln"):
+                if host.sshd.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(f"sshd on {host.name} ({host.address}) did not come up")
+                time.sleep(0.05)
+
+    def _write_ssh_config(self):
+        with open(self.ssh_config, "w") as f:
+            for host in self.hosts:
+                f.write(f"Host lab-{host.name}\n  HostName {host.address}\n")
+            f.write(f"Host lab-p*\n  ProxyJump lab-{self.hosts[0].name}\n")
+            f.write(f"Host lab-*\n  User {self.user}\n  IdentityFile {self.client_key}\n  IdentitiesOnly yes\n"
+                    f"  UserKnownHostsFile {self.known_hosts}\n")
+
+    def inventory_hosts(self, root="/srv/fleet"):
+        """Every host by its ssh config alias, as the login user with become: true; Debian's
+        /usr/bin/python3 (no grpcio) is their Python, and fleet builds the venv the services need."""
+        return {h.name: {"address": h.address, "ssh_host": f"lab-{h.name}", "root": root,
+                         "python": "/usr/bin/python3", "venv": True, "become": True} for h in self.hosts}
+
+    def destroy(self):
+        super().destroy()
+        for i in range(self.private):
+            subprocess.run(["ip", "link", "del", f"{self.tag}p{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{self.tag}b"], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.private_bridge], capture_output=True)
+        if self.blackholed:
+            subprocess.run(["ip", "route", "del", "blackhole", f"{self.private_subnet}.0/24"], capture_output=True)
+        if self.created_user:
+            subprocess.run(["userdel", "-r", self.user], capture_output=True)
+        if os.path.exists(self.sudoers):
+            os.remove(self.sudoers)

@@ -192,10 +192,20 @@ def test_a_log_stream_gives_whole_lines_across_reads_and_rotations():
 def session(tmp_path):
     root = str(tmp_path / HOSTILE_DIR / "root")
     conn = connection.LocalConnection(shell="dash")
-    shell, _ = conn.start_session(commands.session(root, "test-holder"))
-    yield root, shell
+    shell = conn.start_session(commands.session(root, "test-holder"), 60)
+    yield root, Steps(shell)
     shell.close()
     conn.close()
+
+
+class Steps:
+    """The session, with the deadline every step here gets (60 s: generous, never the limit)."""
+
+    def __init__(self, shell):
+        self.shell = shell
+
+    def run(self, script, **options):
+        return self.shell.run(script, 60, "step", **options)
 
 
 def test_records_list_and_prune_on_a_host(session):
@@ -351,7 +361,7 @@ def test_following_names_a_host_that_stops_answering_and_keeps_reading_the_other
     seen = queue.Queue()
     follower = threading.Thread(target=runner.follow_logs, args=(fleet, targets, tails, lambda *line: seen.put(line)),
                                 daemon=True)
-    session = fleet.connection("h0").processes[0].pid
+    session = fleet.link(hosts[0])[0].connection.processes[0].pid
     os.killpg(session, signal.SIGSTOP)  # h0's session hangs: its reads never answer
     try:
         follower.start()
