@@ -142,14 +142,17 @@ def prelude(root):
     every file fleet creates (staging, logs, lock holder, rendered secrets) private to its owner,
     and the shared functions. Step scripts run inside a session, so they can use all of it."""
     # The prelude's functions are called by the steps that come after it (SC2317 cannot see that).
-    return script(Raw("# shellcheck disable=SC2317"), assign("R", root), Raw(f"GRACE={int(STOP_GRACE_SECONDS)}"), Raw("umask 077"), _PRELUDE)
+    return script(Raw("# shellcheck disable=SC2317"), assign("R", root), Raw(f"GRACE={int(STOP_GRACE_SECONDS)}"),
+                  Raw("umask 077"), _PRELUDE)
 
 
 def session(root, holder, lock=True, wait=0, break_lock=False):
     """The one remote command of a run: takes the host's lock (flock, released when the session
     ends however it ends), then runs each step script sent on stdin, ended by a protocol.RUN
     line, in a subshell, answering protocol.DONE with its exit code. Ends at end of input."""
-    lines = [prelude(root), Raw(f'mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}')]
+    # The root is fleet's: private to its user even where something else created it first.
+    lines = [prelude(root), Raw(f'mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}'),
+             Raw('chmod 700 "$R" 2>/dev/null || :')]
     if lock:
         if break_lock:
             acquire = Raw(f'echo "{P.BREAKING} $holder"; pid=${{holder##*pid=}}; pid=${{pid%% *}}; '
@@ -541,7 +544,8 @@ def login(session_script, name, python, root, user, become_user=None, become_pas
         "set root: to a directory $(id -un) can write, or become: true"
     writable = line(Raw("{ mkdir -p"), root, Raw("2>/dev/null && [ -w"), root, Raw("]; } || { echo root"), root,
                     Raw(f'"is not writable by $(id -un): {fix}"; exit 1; }}'))
-    inner = script(Raw("lacks="), *lacks, writable, session_script)
+    # umask first: the preflight may be what creates the root, which must be private from the start.
+    inner = script(Raw("umask 077"), Raw("lacks="), *lacks, writable, session_script)
     if not become_user:
         return inner
     sudo_user = ["-u", become_user, "--", "sh", "-c"]

@@ -303,24 +303,14 @@ class BastionLab(HostLab):
     ids lab_id and lab_id + 1 (the private subnet)."""
 
     def __init__(self, private=2, lab_id=None):
-        super().__init__(1, lab_id)
+        super().__init__(1, lab_id, plain_user=True, sudo=True)  # the lab's /bin/sh login, with sudo
         self.private = private
         self.private_subnet = f"{SUBNET_BASE}.{self.lab_id + 1}"
         self.private_bridge = f"{self.tag}pbr"
-        self.user = f"fleet{self.lab_id}"
-        self.sudoers = f"/etc/sudoers.d/fleet-lab-{self.lab_id}"
         self.ssh_config = os.path.join(self.dir, "ssh_config")
-        self.created_user = self.blackholed = False
+        self.blackholed = False
 
     def create(self):
-        if not shutil.which("sudo"):
-            raise LabError("sudo not installed (Debian package sudo)")
-        subprocess.run(["userdel", "-r", self.user], capture_output=True)  # left by a run that was killed
-        _run("useradd", "-m", "-s", "/bin/sh", "-p", "*", self.user)
-        self.created_user = True
-        with open(self.sudoers, "w") as f:
-            f.write(f"{self.user} ALL=(ALL) NOPASSWD: ALL\n")
-        os.chmod(self.sudoers, 0o440)
         os.chmod(self.dir, 0o755)  # sshd reads the authorized key (the .pub) as the login user
         super().create()
         _run("ip", "link", "add", self.private_bridge, "type", "bridge")
@@ -369,7 +359,3 @@ class BastionLab(HostLab):
         subprocess.run(["ip", "link", "del", self.private_bridge], capture_output=True)
         if self.blackholed:
             subprocess.run(["ip", "route", "del", "blackhole", f"{self.private_subnet}.0/24"], capture_output=True)
-        if self.created_user:
-            subprocess.run(["userdel", "-r", self.user], capture_output=True)
-        if os.path.exists(self.sudoers):
-            os.remove(self.sudoers)
