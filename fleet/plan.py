@@ -73,6 +73,9 @@ def plan_host(state, report, mask=str):
         elif found.fingerprint != proc.fingerprint:
             plan.restarts.append(proc)
             plan.reasons[proc.name] = "command or files changed"
+        elif found.supervision is not None and not found.supervision.supervised:
+            plan.restarts.append(proc)  # started by an older fleet: nothing would restart it
+            plan.reasons[proc.name] = "running without fleet's supervisor"
     return plan
 
 

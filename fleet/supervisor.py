@@ -352,7 +352,6 @@ class Supervisor:
         # Caught, not ignored: an ignored signal would stay ignored in the child across exec.
         signal.signal(signal.SIGHUP, lambda *_: None)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd hears it
-        write_atomic(self.paths.sup, f"{os.getpid()}\n")
         self.log.event(f"supervising {self.paths.name}: {shlex.join(self.command)}")
         self.spawn()
         while self.state != "stopped":
@@ -431,7 +430,7 @@ def cmd_start(paths, args):
     log = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", paths.root, paths.name, *options,
                              "--", *args.command], env=env, cwd=paths.root, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=log, close_fds=True, start_new_session=True)
+                            stderr=log, close_fds=True)
     os.close(log)
     # Wait (bounded) until the supervisor has recorded its first start, so that the caller's
     # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one.
@@ -577,6 +576,11 @@ def main(argv=None):
 
 
 def run_supervisor(paths, args):
+    # Findable first (NAME.sup), then a session of its own: until setsid it shares the process
+    # group of whatever ran `start`, so if that group is killed mid-start (a deploy's switch cut
+    # off) this supervisor dies with it instead of coming up later where nobody looks for it.
+    write_atomic(paths.sup, f"{os.getpid()}\n")
+    os.setsid()
     supervisor = Supervisor(paths, args.command, args)
     # From here on everything the supervisor says goes to the rotating log.
     devnull = os.open(os.devnull, os.O_RDWR)
