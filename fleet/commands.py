@@ -41,6 +41,8 @@ procstate() {
   if supervised "$1"; then a=1; else a=0; fi
   echo "%SUPERVISED% $1 $a $(head -n 1 "$R/run/$1.state" 2>/dev/null)"
 }
+# systemd as PID 1: there, units could keep fleet's processes (not installed yet: fleet's supervisor does).
+report_init() { if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "@@init systemd"; else echo "@@init other"; fi; }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
 report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
 report_addresses() {
@@ -242,7 +244,7 @@ def facts(state, recover=True):
     lines = [line(Raw("recover"), "act" if recover else "report")]
     lines += [_report_presence(f.path) if f.content is None else _report_content(f.path) for f in state.files]
     lines += [line(Raw("procstate"), p.name) for p in state.processes]
-    lines += [Raw("report_listeners"), Raw("report_addresses")]
+    lines += [Raw("report_listeners"), Raw("report_addresses"), Raw("report_init")]
     return script(*lines)
 
 

@@ -68,6 +68,7 @@ class Report:
     not_running: list = field(default_factory=list)
     rolled_back: list = field(default_factory=list)
     addresses: list = field(default_factory=list)  # the host's own IP addresses
+    systemd: bool = False  # the host runs systemd as PID 1
     switches: list = field(default_factory=list)  # (txid, what): earlier switches this run found and settled
 
 
@@ -93,6 +94,8 @@ def parse(text):
                 report.procs[name] = dataclasses.replace(report.procs[name], supervision=parse_supervision(rest))
         elif marker == P.NETSTAT:
             report.listeners = parse_listeners(_block(lines))
+        elif marker == P.INIT:
+            report.systemd = rest == "systemd"
         elif marker == P.ADDRESSES:
             report.addresses = rest.split()
         elif marker == P.STEP:

@@ -54,7 +54,7 @@ def status_host(status):
                           "release": status.releases.get(name), "drift": status.drift.get(name, [])})
     return {"host": status.host, "ok": status.error is None and all(c.ok for c in status.ports)
             and all(p["state"] == "running" for p in processes), "error": status.error,
-            "drifted": bool(status.drift), "processes": processes}
+            "drifted": bool(status.drift), "processes": processes, "systemd": status.systemd}
 
 
 def host_releases(found, service):

@@ -186,6 +186,10 @@ def status_report(console, statuses, views, not_checked=None):
     for row in sorted(rows, key=lambda r: r[0]):
         table.add_row(*row[1:])
     console.print(table)
+    for status in statuses:
+        if status.systemd:
+            console.print(Text.assemble(("- ", "dim"), f"{status.host} runs systemd; fleet's supervisor keeps its "
+                                                       "processes (units are not installed yet: docs/operations.md)"))
     for service, view in views.items():
         if isinstance(view, str):
             console.print(Text.assemble(("✗ ", "red"), f"{service} Envoy: {view}"))

@@ -330,3 +330,21 @@ def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
             assert f.read() == b"v1"
     finally:
         stop_all(root)
+
+
+@pytest.mark.parametrize("systemd_pid1, expected", [(True, True), (False, False)])
+def test_the_facts_step_tells_hosts_that_run_systemd(root, tmp_path, systemd_pid1, expected):
+    """systemd as PID 1 is told by /run/systemd/system and a systemctl on PATH. This machine has
+    neither as a systemd host would: a private mount namespace with /run on a tmpfs fakes it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    script = tmp_path / "facts.sh"
+    script.write_text(commands.prelude(root) + "report_init\n")
+    setup = "mount -t tmpfs tmpfs /run && " + ("mkdir -p /run/systemd/system && " if systemd_pid1 else "")
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          f'{setup}PATH="$1:$PATH" exec dash "$2"', "sh", str(bin_dir), str(script)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert facts.parse(out.stdout).systemd is expected
