@@ -11,9 +11,9 @@ single child, no protocol to add or remove services, no config to reload, and a 
 it touches one backend only; start/stop map one to one onto a systemd unit where the host has
 systemd. It costs one small Python process (~10 MB) per service process, which hosts afford.
 
-`start` execs a fresh interpreter in a new session (setsid: the SSH session ending does not
-reach it), stdin /dev/null, every inherited fd above 2 closed (fd 9 holds fleet's deploy lock),
-umask 077. The supervisor runs COMMAND (no shell; pass `sh -c '...'` for one) with cwd ROOT and
+`start` execs a fresh interpreter that enters a new session (setsid: the SSH session ending does
+not reach it) once it has written NAME.sup, stdin /dev/null, every inherited fd above 2 closed
+(fd 9 holds fleet's deploy lock), umask 077. The supervisor runs COMMAND (no shell; pass `sh -c '...'` for one) with cwd ROOT and
 FLEET_PROC=ROOT/NAME in its environment, in a process group of its own, and with
 PR_SET_PDEATHSIG=SIGKILL on Linux: if the supervisor itself is killed (-9), its child dies with
 it, so a service never runs unsupervised; `status` then reports `state=dead` and the next
