@@ -101,6 +101,18 @@ def test_every_host_with_processes_gets_the_supervisor_and_an_unsupervised_proce
     assert not plan.plan_host(state, report).changed
 
 
+def test_a_file_changed_on_the_host_is_put_back_and_restarts_what_runs_with_it():
+    _, states = compile_seed()
+    state = states["node110"]
+    report = report_matching(state)
+    config = next(f for f in state.files if f.path.endswith("/config.yaml"))
+    report.contents[config.path] = b"modelParallelism: edited by hand\n"
+    p = plan.plan_host(state, report)
+    assert [s.path for s in p.send] == [config.path]
+    assert [r.name for r in p.restarts] == ["inference"]
+    assert p.reasons["inference"] == "a file it restarts on differs on the host"
+
+
 def test_config_change_restarts_the_service_with_a_diff(tmp_path):
     _, states = compile_seed()
     old = states["node110"]

@@ -91,6 +91,25 @@ def back_in_service(lab, host, name, old, ports, healthy=None):
     return check
 
 
+def test_neither_a_process_nor_its_supervisor_holds_the_deploy_lock(lab, base):
+    """They are started by a switch that holds the host's deploy lock on fd 9."""
+    for host, name in [("h0", "envoy-inference")] + [(h, "inference") for h in BACKENDS]:
+        for pid in (pid_of(lab, host, name), int(run_file(lab, host, name, "sup"))):
+            targets = open_files(pid)
+            assert targets and "/srv/fleet/.lock" not in targets, (host, name, pid)
+
+
+def open_files(pid):
+    """What the descriptors of pid point to (a descriptor closed meanwhile is left out)."""
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
 def test_a_killed_backend_is_back_by_itself_and_the_load_loses_nothing(lab, base):
     address = f"{lab.host('h2').address}:7073"
     old = pid_of(lab, "h2", "inference")
