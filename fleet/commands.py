@@ -52,9 +52,9 @@ report_addresses() {
 }
 # Stops every named process of ours at once. SIGTERM goes to its supervisor, which passes it on,
 # gives the process the grace (run/NAME.stop), SIGKILLs it after that and exits without restarting
-# it; or, for a
-# process an older fleet started without one, to the process itself. Whatever is still there after
-# the grace (and 5 s for a supervisor to reap) gets SIGKILL; a supervisor's process dies with it.
+# it; or, for a process an older fleet started without one, to the process itself. Whatever is
+# still there after the grace (and 5 s for a supervisor to reap) gets SIGKILL; a supervisor's
+# process dies with it.
 stop_procs() {
   pids=
   for name in "$@"; do
