@@ -42,7 +42,7 @@ procstate() {
   echo "%SUPERVISED% $1 $a $(head -n 1 "$R/run/$1.state" 2>/dev/null)"
 }
 # systemd as PID 1: there, units could keep fleet's processes (not installed yet: fleet's supervisor does).
-report_init() { if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "@@init systemd"; else echo "@@init other"; fi; }
+report_init() { if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "%INIT% systemd"; else echo "%INIT% other"; fi; }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
 report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
 report_addresses() {
