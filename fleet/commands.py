@@ -24,17 +24,25 @@ def _with_markers(text):
 
 
 # Functions shared by every step and by a switch (apply) running detached. A process is ours only
-# if its environment carries FLEET_PROC=<root>/<name>: a recycled pid is never mistaken for it.
+# if its environment carries FLEET_PROC=<root>/<name> (its supervisor's: FLEET_SUPERVISOR=...):
+# a recycled pid is never mistaken for it.
 _PRELUDE = Raw(_with_markers(r"""
 running() { alive "$(cat "$R/run/$1.pid" 2>/dev/null)" "$1"; }
-alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "FLEET_PROC=$R/$2"; }
+supervised() { alive "$(cat "$R/run/$1.sup" 2>/dev/null)" "$1" FLEET_SUPERVISOR; }
+# alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
+alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "${3:-FLEET_PROC}=$R/$2"; }
 # Gone, or a zombie not yet reaped by the shell that started it.
 gone() { ! kill -0 "$1" 2>/dev/null || [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)" = Z ]; }
 procstate() {
   pid=$(cat "$R/run/$1.pid" 2>/dev/null); fp=$(cat "$R/run/$1.fp" 2>/dev/null)
   if alive "$pid" "$1"; then a=1; else a=0; fi
   echo "%PROC% $1 ${pid:--} $a ${fp:--}"
+  # Its supervisor: alive or not, and the state line it keeps (state, restarts, last exit, ...).
+  if supervised "$1"; then a=1; else a=0; fi
+  echo "%SUPERVISED% $1 $a $(head -n 1 "$R/run/$1.state" 2>/dev/null)"
 }
+# systemd as PID 1: there, units could keep fleet's processes (not installed yet: fleet's supervisor does).
+report_init() { if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "%INIT% systemd"; else echo "%INIT% other"; fi; }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
 report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
 report_addresses() {
@@ -42,18 +50,24 @@ report_addresses() {
   else a=$(hostname -I 2>/dev/null); fi
   echo "%ADDRESSES% $(echo "$a" | tr '\n' ' ')"
 }
-# SIGTERM to every named process of ours at once, SIGKILL to those still there after the grace.
+# Stops every named process of ours at once. SIGTERM goes to its supervisor, which passes it on,
+# gives the process the grace (run/NAME.stop), SIGKILLs it after that and exits without restarting
+# it; or, for a process an older fleet started without one, to the process itself. Whatever is
+# still there after the grace (and 5 s for a supervisor to reap) gets SIGKILL; a supervisor's
+# process dies with it.
 stop_procs() {
   pids=
   for name in "$@"; do
     pid=$(cat "$R/run/$name.pid" 2>/dev/null)
-    if alive "$pid" "$name"; then kill -TERM "$pid" 2>/dev/null; pids="$pids $pid"; fi
+    if supervised "$name"; then pid=$(cat "$R/run/$name.sup"); echo "$GRACE" > "$R/run/$name.stop"
+    else alive "$pid" "$name" || pid=; fi
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && pids="$pids $pid"
     rm -f "$R/run/$name.pid" "$R/run/$name.fp"
   done
   waited=0
   for pid in $pids; do
-    while ! gone "$pid" && [ "$waited" -lt $((GRACE * 10)) ]; do sleep 0.1; waited=$((waited + 1)); done
-    kill -KILL "$pid" 2>/dev/null
+    while ! gone "$pid" && [ "$waited" -lt $((GRACE * 10 + 50)) ]; do sleep 0.1; waited=$((waited + 1)); done
+    gone "$pid" || kill -KILL "$pid" 2>/dev/null
   done
 }
 start_proc() {
@@ -64,9 +78,11 @@ start_proc() {
   # Where this run's output starts: a failed start shows only what this start printed.
   wc -c < "$log" | tr -d ' ' > "$R/run/$1.logpos"
   echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet start $2" >> "$log"
-  # 9>&-: the service must not inherit the deploy lock.
-  ( cd "$R" && FLEET_PROC="$R/$1" exec setsid sh -c "exec $3" >> "$log" 2>&1 < /dev/null 9>&- ) &
-  echo $! > "$R/run/$1.pid"; echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
+  # Under fleet's supervisor ($SUP, run by the host's $PY): in a session of its own, with cwd $R and
+  # FLEET_PROC=$R/$1, restarted whenever it exits; it returns once run/$1.pid names the process.
+  # 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
+  "$PY" "$SUP" start "$R" "$1" --grace "$GRACE" -- sh -c "exec $3" > /dev/null 2>> "$log" < /dev/null 9>&-
+  echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
 }
 # Is port $1 (in hex) listened on by pid $2? Read from /proc with shell builtins: netstat -p walks
 # every process of the machine, and each fork counts when a host starts many services at once.
@@ -84,7 +100,7 @@ listening() {
   return 1
 }
 wait_listen() {
-  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid"); waited=0; step=1
+  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid" 2>/dev/null); waited=0; step=1
   hexports=; for port in "$@"; do hexports="$hexports $(printf '%04X' "$port")"; done
   while :; do
     if gone "$pid"; then echo "%FAIL% $name exited before listening"; return 1; fi
@@ -231,7 +247,7 @@ def facts(state, recover=True):
     lines = [line(Raw("recover"), "act" if recover else "report")]
     lines += [_report_presence(f.path) if f.content is None else _report_content(f.path) for f in state.files]
     lines += [line(Raw("procstate"), p.name) for p in state.processes]
-    lines += [Raw("report_listeners"), Raw("report_addresses")]
+    lines += [Raw("report_listeners"), Raw("report_addresses"), Raw("report_init")]
     return script(*lines)
 
 
@@ -353,6 +369,9 @@ def _switch(plan, txid):
     rollback.append(line(Raw("echo"), f"{P.RECOVERED} {txid}"))
     return script(
         prelude(plan.state.host.root),
+        # What start_proc starts processes with: the supervisor (sent before any process starts).
+        assign("PY", plan.state.host.python),
+        assign("SUP", plan.state.supervisor or ""),
         assign("J", Raw('"$R"/.switch/'), txid),
         assign("S", Raw('"$R"/.staging/'), txid),
         Raw("restore_all() {"), *[Raw(f"  {r}") for r in restore_all], Raw("}"),
@@ -371,7 +390,9 @@ def stop(process_groups):
     lines = []
     for names in process_groups:
         for name in names:
-            lines.append(line(Raw("if running"), name, Raw("; then echo"), f"{P.STOPPED} {name}", Raw("; else echo"),
+            # A supervisor waiting to restart a crashed process counts: stopping it ends that.
+            lines.append(line(Raw("if running"), name, Raw("|| supervised"), name, Raw("; then echo"),
+                              f"{P.STOPPED} {name}", Raw("; else echo"),
                               f"{P.NOT_RUNNING} {name}", Raw("; fi")))
         if names:
             lines.append(line(Raw("stop_procs"), *names))

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from fleet import inventory as inventory_module, render
+from fleet import artifacts, inventory as inventory_module, render
 from fleet.errors import UsageError
 
 _LDS_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 _CDS_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+# fleet's process supervisor (standard library only), pushed to every host that runs a process.
+SUPERVISOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
+SUPERVISOR_TASK = "fleet.supervisor"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class HostState:
     processes: list = field(default_factory=list)
     tasks: list = field(default_factory=list)  # task labels in apply order
     envoy_validations: list = field(default_factory=list)  # (label, static bootstrap text)
+    supervisor: str | None = None  # where the supervisor lies on the host, if any process runs there
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,21 @@ def compile_services(inventory, services, project):
                 play_vars = service.vars if play.hosts == "backends" else service.ingress.vars
                 context = role_context(inventory, service, role, host, play_vars)
                 _apply_role(state, role, service, context, project, base_dir, inventory.secrets)
+    for state in states.values():
+        if state.processes:
+            add_supervisor(state)
     return states
+
+
+def add_supervisor(state):
+    """Every process runs under fleet's supervisor, content-addressed like an artifact: a new
+    version never replaces the file a running supervisor was started from. (A switch places all
+    its files before it starts any process, so its place in the list does not matter.)"""
+    sha = artifacts.file_sha256(SUPERVISOR_SOURCE)
+    path = posixpath.join(state.host.root, "artifacts", sha[:16], "supervisor.py")
+    state.files.append(FileSpec(task=SUPERVISOR_TASK, path=path, sha256=sha, source=SUPERVISOR_SOURCE))
+    state.tasks.append(SUPERVISOR_TASK)
+    state.supervisor = path
 
 
 SURGE_SUFFIX = "-surge"
@@ -104,6 +122,7 @@ def surge_state(inventory, service, project, port):
     state = HostState(host=host)
     _apply_role(state, role, twin, context, project, os.path.dirname(os.path.abspath(inventory.path)),
                 inventory.secrets)
+    add_supervisor(state)
     return state
 
 

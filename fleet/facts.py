@@ -1,10 +1,25 @@
 """Parsing what the host scripts report (see commands.py): files, processes, listeners, steps."""
 
 import base64
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
 from fleet import protocol as P
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What a process's supervisor recorded (fleet/supervisor.py, ROOT/run/NAME.state)."""
+
+    state: str  # running, backoff, stopping, stopped; dead: no supervisor lives; absent: none ever started
+    restarts: int
+    last_exit: str | None  # exit:N, SIGNAME, exec:ERROR; None before the first exit
+
+    @property
+    def supervised(self):
+        """A supervisor lives (and restarts the process whenever it exits)."""
+        return self.state in ("running", "backoff", "stopping")
 
 
 @dataclass(frozen=True)
@@ -13,6 +28,7 @@ class ProcState:
     pid: int | None
     alive: bool
     fingerprint: str | None
+    supervision: Supervision | None = None  # None: the host did not say (an older fleet's report)
 
 
 @dataclass(frozen=True)
@@ -21,6 +37,22 @@ class Listener:
     address: str
     pid: int | None
     program: str
+
+
+def process_state(proc):
+    """What `fleet status` calls a process (a ProcState, or None if the host reported none):
+    running; backoff (it keeps exiting, its supervisor waits to start it again); stopped (by fleet
+    stop); dead (gone, and nothing will restart it); not started."""
+    if proc is None:
+        return "not started"
+    if proc.alive:
+        return "running"
+    supervision = proc.supervision
+    if supervision is not None and supervision.state in ("backoff", "stopped"):
+        return supervision.state
+    if proc.pid is not None or (supervision is not None and supervision.state != "absent"):
+        return "dead"
+    return "not started"
 
 
 @dataclass
@@ -36,6 +68,7 @@ class Report:
     not_running: list = field(default_factory=list)
     rolled_back: list = field(default_factory=list)
     addresses: list = field(default_factory=list)  # the host's own IP addresses
+    systemd: bool = False  # the host runs systemd as PID 1
     switches: list = field(default_factory=list)  # (txid, what): earlier switches this run found and settled
 
 
@@ -55,8 +88,14 @@ def parse(text):
             name, pid, alive, fp = rest.split(" ")
             report.procs[name] = ProcState(name=name, pid=int(pid) if pid.isdigit() else None, alive=alive == "1",
                                            fingerprint=None if fp == "-" else fp)
+        elif marker == P.SUPERVISED:
+            name = rest.partition(" ")[0]
+            if name in report.procs:
+                report.procs[name] = dataclasses.replace(report.procs[name], supervision=parse_supervision(rest))
         elif marker == P.NETSTAT:
             report.listeners = parse_listeners(_block(lines))
+        elif marker == P.INIT:
+            report.systemd = rest == "systemd"
         elif marker == P.ADDRESSES:
             report.addresses = rest.split()
         elif marker == P.STEP:
@@ -82,6 +121,21 @@ def parse(text):
         elif marker == P.UNFINISHED:
             report.switches.append((rest, "was cut off mid-switch; the next deploy rolls it back"))
     return report
+
+
+def parse_supervision(rest):
+    """`NAME SUPERVISOR_ALIVE KEY=VALUE...` (protocol.SUPERVISED). The state is corrected by what
+    lives, as `supervisor.py status` does: a recorded state other than stopped, without a live
+    supervisor, is `dead`; no state line at all is `absent`."""
+    _, alive, *words = rest.split(" ")
+    fields = dict(w.split("=", 1) for w in words if "=" in w)
+    state = fields.get("state", "absent")
+    if state not in ("absent", "stopped") and alive != "1":
+        state = "dead"
+    restarts = fields.get("restarts", "0")
+    last_exit = fields.get("last_exit", "-")
+    return Supervision(state=state, restarts=int(restarts) if restarts.isdigit() else 0,
+                       last_exit=None if last_exit == "-" else last_exit)
 
 
 def _block(lines):

@@ -65,6 +65,7 @@ def plan_host(state, report, mask=str):
         if current != spec.content:
             plan.send.append(spec)
             plan.diffs.append((spec.path, mask(unified_diff(spec.path, current, spec.content, spec.secret))))
+    sent = {f.path for f in plan.send}
     for proc in state.processes:
         found = report.procs.get(proc.name)
         if found is None or not found.alive:
@@ -73,6 +74,14 @@ def plan_host(state, report, mask=str):
         elif found.fingerprint != proc.fingerprint:
             plan.restarts.append(proc)
             plan.reasons[proc.name] = "command or files changed"
+        elif found.supervision is not None and not found.supervision.supervised:
+            plan.restarts.append(proc)  # started by an older fleet: nothing would restart it
+            plan.reasons[proc.name] = "running without fleet's supervisor"
+        elif sent & set(proc.files):
+            # Same fingerprint, yet a file it runs with differs on the host (edited there, or gone):
+            # what runs may have read it, and its supervisor's next restart would.
+            plan.restarts.append(proc)
+            plan.reasons[proc.name] = "a file it restarts on differs on the host"
     return plan
 
 

@@ -21,7 +21,11 @@ LOCKED_EXIT = 75
 FILE = "@@file"  # `@@file present|absent PATH`
 CONTENT = "@@content"  # `@@content PATH`, base64 lines, END
 PROC = "@@proc"  # `@@proc NAME PID|- ALIVE(0|1) FINGERPRINT|-`
+# `@@supervised NAME SUPERVISOR_ALIVE(0|1) KEY=VALUE...`: after PROC, its supervisor and the state
+# line it keeps in ROOT/run/NAME.state (fleet/supervisor.py; no fields if there is none).
+SUPERVISED = "@@supervised"
 NETSTAT = "@@netstat"  # netstat -tnlp (or ss -tnlp) lines, END
+INIT = "@@init"  # `@@init systemd|other`: whether the host runs systemd as PID 1
 ADDRESSES = "@@addresses"  # `@@addresses ADDR ...`: the host's own IP addresses
 STEP = "@@step"  # `@@step TASK_LABEL STATUS`
 FAIL = "@@fail"  # `@@fail NAME REASON`

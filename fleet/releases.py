@@ -171,6 +171,8 @@ def host_state(host, doc, copies):
             name=item["name"], task=item["task"], command=item["command"], fingerprint=item["fingerprint"],
             ports=tuple(int(p) for p in item["ports"]), start_timeout=item["start_timeout"],
             files=tuple(item["files"])))
+    if state.processes:
+        desired.add_supervisor(state)  # what the release's processes start under (not part of a release)
     return state
 
 

@@ -3,7 +3,7 @@ outcomes the terminal view shows. Pure."""
 
 import json
 
-from fleet import releases
+from fleet import facts, releases
 
 
 def _ports(checks):
@@ -41,16 +41,20 @@ def check(service, ok, detail, wave=None):
 
 
 def status_host(status):
-    """A runner.HostStatus."""
+    """A runner.HostStatus. A host is ok when every process runs and listens on its ports."""
     processes = []
     for name, proc in status.procs.items():
-        alive = proc is not None and proc.alive
-        processes.append({"name": name, "state": "running" if alive else "dead" if proc and proc.pid else "not started",
-                          "pid": proc.pid if alive else None,
+        state = facts.process_state(proc)
+        supervision = proc.supervision if proc else None
+        processes.append({"name": name, "state": state, "pid": proc.pid if state == "running" else None,
+                          "supervised": bool(supervision and supervision.supervised),
+                          "restarts": supervision.restarts if supervision else None,
+                          "last_exit": supervision.last_exit if supervision else None,
                           "ports": _ports([c for c in status.ports if c.process == name]),
                           "release": status.releases.get(name), "drift": status.drift.get(name, [])})
-    return {"host": status.host, "ok": status.error is None and all(c.ok for c in status.ports),
-            "error": status.error, "drifted": bool(status.drift), "processes": processes}
+    return {"host": status.host, "ok": status.error is None and all(c.ok for c in status.ports)
+            and all(p["state"] == "running" for p in processes), "error": status.error,
+            "drifted": bool(status.drift), "processes": processes, "systemd": status.systemd}
 
 
 def host_releases(found, service):

@@ -61,6 +61,7 @@ class HostStatus:
     error: str | None = None
     releases: dict = field(default_factory=dict)  # process name -> the release it runs (None: none recorded)
     drift: dict = field(default_factory=dict)  # process name -> how it differs from the inventory
+    systemd: bool = False  # the host runs systemd as PID 1
 
 
 @dataclass(frozen=True)
@@ -545,6 +546,7 @@ def status(fleet, states, services):
         result.drift = releases.drift(plan.plan_host(state, report))
         current = releases.parse_listing(shell.run(commands.list_releases(manifests=False), STEP_SECONDS, "releases").output).current
         result.releases = {p.name: current.get(releases.service_of(p.task, names)) for p in state.processes}
+        result.systemd = report.systemd
 
     statuses = _on_each_host(fleet, states, HostStatus, host_status)
     views = {}

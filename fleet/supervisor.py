@@ -11,9 +11,9 @@ single child, no protocol to add or remove services, no config to reload, and a 
 it touches one backend only; start/stop map one to one onto a systemd unit where the host has
 systemd. It costs one small Python process (~10 MB) per service process, which hosts afford.
 
-`start` execs a fresh interpreter in a new session (setsid: the SSH session ending does not
-reach it), stdin /dev/null, every inherited fd above 2 closed (fd 9 holds fleet's deploy lock),
-umask 077. The supervisor runs COMMAND (no shell; pass `sh -c '...'` for one) with cwd ROOT and
+`start` execs a fresh interpreter that enters a new session (setsid: the SSH session ending does
+not reach it) once it has written NAME.sup, stdin /dev/null, every inherited fd above 2 closed
+(fd 9 holds fleet's deploy lock), umask 077. The supervisor runs COMMAND (no shell; pass `sh -c '...'` for one) with cwd ROOT and
 FLEET_PROC=ROOT/NAME in its environment, in a process group of its own, and with
 PR_SET_PDEATHSIG=SIGKILL on Linux: if the supervisor itself is killed (-9), its child dies with
 it, so a service never runs unsupervised; `status` then reports `state=dead` and the next
@@ -352,7 +352,6 @@ class Supervisor:
         # Caught, not ignored: an ignored signal would stay ignored in the child across exec.
         signal.signal(signal.SIGHUP, lambda *_: None)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd hears it
-        write_atomic(self.paths.sup, f"{os.getpid()}\n")
         self.log.event(f"supervising {self.paths.name}: {shlex.join(self.command)}")
         self.spawn()
         while self.state != "stopped":
@@ -431,7 +430,7 @@ def cmd_start(paths, args):
     log = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", paths.root, paths.name, *options,
                              "--", *args.command], env=env, cwd=paths.root, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=log, close_fds=True, start_new_session=True)
+                            stderr=log, close_fds=True)
     os.close(log)
     # Wait (bounded) until the supervisor has recorded its first start, so that the caller's
     # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one.
@@ -577,6 +576,11 @@ def main(argv=None):
 
 
 def run_supervisor(paths, args):
+    # Findable first (NAME.sup), then a session of its own: until setsid it shares the process
+    # group of whatever ran `start`, so if that group is killed mid-start (a deploy's switch cut
+    # off) this supervisor dies with it instead of coming up later where nobody looks for it.
+    write_atomic(paths.sup, f"{os.getpid()}\n")
+    os.setsid()
     supervisor = Supervisor(paths, args.command, args)
     # From here on everything the supervisor says goes to the rotating log.
     devnull = os.open(os.devnull, os.O_RDWR)

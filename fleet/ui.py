@@ -12,7 +12,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from fleet import releases
+from fleet import facts, releases
 
 STATUS_STYLE = {"ok": "green", "changed": "yellow", "would change": "yellow", "failed": "bold red", "running": "cyan"}
 
@@ -166,23 +166,30 @@ def status_report(console, statuses, views, not_checked=None):
     """Processes (dead ones first) with their ports, then Envoy's view of each service's backends;
     not_checked: service -> why its Envoy was not asked (its host left out by --limit)."""
     table = Table(title="processes", header_style="bold")
-    for column in ("host", "process", "state", "pid", "ports", "release", "drift"):
+    for column in ("host", "process", "state", "pid", "restarts", "last exit", "ports", "release", "drift"):
         table.add_column(column)
     rows = []
     for status in statuses:
         if status.error:
-            rows.append((0, status.host, "-", Text("unreachable", "red"), "-", Text(status.error), "-", "-"))
+            rows.append((0, status.host, "-", Text("unreachable", "red"), "-", "-", "-", Text(status.error), "-", "-"))
             continue
         for name, proc in status.procs.items():
-            alive = proc is not None and proc.alive
+            state = facts.process_state(proc)
+            alive = state == "running"
+            supervision = proc.supervision if proc else None
             ports = [c for c in status.ports if c.process == name]
             port_text = ", ".join(f"{c.port} {'✓' if c.ok else '✗'}" for c in ports)
-            state = "[green]running[/]" if alive else "[red]dead[/]" if proc and proc.pid else "[red]not started[/]"
-            rows.append((1 if alive else 0, status.host, name, state, str(proc.pid) if alive else "-", port_text,
+            rows.append((1 if alive else 0, status.host, name, Text(state, "green" if alive else "red"),
+                         str(proc.pid) if alive else "-", str(supervision.restarts) if supervision else "-",
+                         (supervision.last_exit or "-") if supervision else "-", port_text,
                          status.releases.get(name) or "-", _drift_text(status.drift.get(name))))
     for row in sorted(rows, key=lambda r: r[0]):
         table.add_row(*row[1:])
     console.print(table)
+    for status in statuses:
+        if status.systemd:
+            console.print(Text.assemble(("- ", "dim"), f"{status.host} runs systemd; fleet's supervisor keeps its "
+                                                       "processes (units are not installed yet: docs/operations.md)"))
     for service, view in views.items():
         if isinstance(view, str):
             console.print(Text.assemble(("✗ ", "red"), f"{service} Envoy: {view}"))

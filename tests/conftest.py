@@ -1,7 +1,9 @@
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -74,3 +76,27 @@ def inference_inventory(lab, **overrides):
     service = {"port": 7073, "backends": ["h0", "h1"], "ingress": {"host": "h0", "port": 8083}}
     service.update(overrides)
     return {"hosts": lab.inventory_hosts(), "services": {"inference": service}}
+
+
+def kill_unsupervised(lab, host, name, root="fleet"):
+    """A process that stays down: its supervisor killed with SIGKILL (as by the OOM killer),
+    which takes the process along (PR_SET_PDEATHSIG); a plain kill -9 of the process would be
+    restarted by the supervisor within seconds. Returns once the process is gone (bounded)."""
+    run = os.path.join(lab.host(host).srv, root, "run")
+    with open(os.path.join(run, f"{name}.pid")) as f:
+        pid = int(f.read())
+    with open(os.path.join(run, f"{name}.sup")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline, f"{name} on {host} outlived its supervisor"
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

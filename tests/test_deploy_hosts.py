@@ -12,7 +12,7 @@ import yaml
 from friesian_services import model
 from friesian_services.inference import encode_instances
 from friesian_services.proto import ranking_pb2, ranking_pb2_grpc
-from tests.conftest import inference_inventory, run_fleet, write_inventory
+from tests.conftest import inference_inventory, kill_unsupervised, run_fleet, write_inventory
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_second_deploy_changes_nothing_and_says_so(lab, inventory):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no changes" in result.stdout
     assert not re.search(r"^h\d .* changed$", result.stdout, re.M)  # no step reported as changed
-    assert re.search(r"│ h0 +│ 6 +│ 0 +│ 0 +│ 2/2", result.stdout)
+    assert re.search(r"│ h0 +│ 7 +│ 0 +│ 0 +│ 2/2", result.stdout)  # 6 tasks and the supervisor
     assert pids(lab) == before
 
 
@@ -112,9 +112,10 @@ def test_deploy_json_lists_every_host_and_step(lab, inventory):
     hosts = {h["host"]: h for h in document["hosts"]}
     assert set(hosts) == {"h0", "h1"}
     assert [s["step"] for s in hosts["h1"]["steps"]] == [
-        "inference.inference.artifact", "inference.inference.config", "inference.inference.process"]
+        "inference.inference.artifact", "inference.inference.config", "inference.inference.process",
+        "fleet.supervisor"]
     assert [s["step"] for s in hosts["h0"]["steps"]][3:] == [
-        "inference.envoy.binary", "inference.envoy.config", "inference.envoy.process"]
+        "inference.envoy.binary", "inference.envoy.config", "inference.envoy.process", "fleet.supervisor"]
     assert all(s["status"] == "ok" for h in hosts.values() for s in h["steps"])
     assert hosts["h0"]["changes"] == {"send": [], "restarts": [], "diffs": []}
     assert {(p["process"], p["port"], p["ok"]) for p in hosts["h0"]["ports"]} == {
@@ -201,8 +202,7 @@ def test_status_shows_processes_and_envoy_view(lab, inventory):
 
 def test_limit_touches_only_the_named_host(lab, inventory):
     for host in ("h0", "h1"):
-        # SIGKILL: a SIGTERM would start the service's graceful drain, which keeps it alive a while.
-        lab.exec(host, "sh", "-c", "kill -9 $(cat /srv/fleet/run/inference.pid)".replace("/srv", lab.host(host).srv))
+        kill_unsupervised(lab, host, "inference")
     result = run_fleet("deploy", "inference", "--limit", "h1", "-i", inventory)
     assert "inference.inference.process        changed" in result.stdout
     assert "h0 " not in result.stdout.replace("h0:", "")
@@ -214,7 +214,7 @@ def test_limit_touches_only_the_named_host(lab, inventory):
 
 
 def test_status_exits_1_when_a_backend_is_down(lab, inventory):
-    lab.exec("h1", "sh", "-c", f"kill -9 $(cat {lab.host('h1').srv}/fleet/run/inference.pid)")
+    kill_unsupervised(lab, "h1", "inference")
     result = run_fleet("status", "inference", "--json", "-i", inventory)
     assert result.returncode == 1, result.stdout + result.stderr
     document = json.loads(result.stdout)
@@ -244,4 +244,4 @@ def test_stop_stops_everything(lab, inventory):
     for host in ("h0", "h1"):
         assert not {p for p, _ in listeners(lab, host)} & {7073, 8083}
     result = run_fleet("status", "inference", "-i", inventory)
-    assert result.returncode == 1 and result.stdout.count("not started") == 3
+    assert result.returncode == 1 and result.stdout.count("│ stopped ") == 3

@@ -57,6 +57,35 @@ def test_report_round_trip():
     assert len(report.listeners) == 4
 
 
+def test_supervised_processes_report_restarts_and_last_exit():
+    report = facts.parse("\n".join([
+        "@@proc inference 6659 1 abcd",
+        "@@supervised inference 1 name=inference state=running supervisor=6650 pid=6659 restarts=2 "
+        "last_exit=SIGKILL last_exit_at=2026-11-28T00:41:04Z started_at=2026-11-28T00:41:05Z delay=0",
+        "@@proc crashing - 0 abcd",
+        "@@supervised crashing 1 name=crashing state=backoff supervisor=7000 pid=- restarts=5 last_exit=exit:1 "
+        "delay=16",
+        "@@proc orphaned - 0 abcd",  # its supervisor killed: the state file still says running
+        "@@supervised orphaned 0 name=orphaned state=running supervisor=7100 pid=7101 restarts=0 last_exit=-",
+        "@@proc stopped - 0 -",
+        "@@supervised stopped 0 name=stopped state=stopped restarts=0 last_exit=exit:0",
+        "@@proc old 6000 1 abcd",  # an older fleet's process: no supervisor, no state file
+        "@@supervised old 0 ",
+        "@@proc older 6001 1 abcd",  # an older fleet's report: no @@supervised line
+    ]))
+    procs = report.procs
+    assert procs["inference"].supervision == facts.Supervision("running", 2, "SIGKILL")
+    assert procs["crashing"].supervision == facts.Supervision("backoff", 5, "exit:1")
+    assert procs["orphaned"].supervision == facts.Supervision("dead", 0, None)
+    assert procs["old"].supervision == facts.Supervision("absent", 0, None)
+    assert not procs["old"].supervision.supervised and procs["inference"].supervision.supervised
+    assert procs["older"].supervision is None
+    assert {name: facts.process_state(p) for name, p in procs.items()} == {
+        "inference": "running", "crashing": "backoff", "orphaned": "dead", "stopped": "stopped", "old": "running",
+        "older": "running"}
+    assert facts.process_state(None) == "not started"
+
+
 def test_port_checks_want_the_recorded_pid():
     state = HostState(host=None, processes=[
         ProcessSpec("inference", "t", "cmd", "fp", (7073,), 20),

@@ -17,7 +17,7 @@ import yaml
 from friesian_services.inference import encode_instances
 from friesian_services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.load import Load
-from tests.conftest import REPO, inference_inventory, run_fleet, write_inventory
+from tests.conftest import REPO, inference_inventory, kill_unsupervised, run_fleet, write_inventory
 
 
 LAB_HOSTS = 3
@@ -554,7 +554,9 @@ def test_stale_lock_is_named_and_broken_only_when_asked(lab, base):
 # -- convergence ------------------------------------------------------------------------------------
 
 def test_killed_envoy_is_shown_first_and_brought_back(lab, base):
-    os.kill(pid_of(lab, "h0", "envoy-inference"), signal.SIGKILL)
+    # Its supervisor killed with it: nothing on the host brings it back (a kill -9 of Envoy alone is
+    # restarted by the supervisor: tests/test_supervision_hosts.py).
+    kill_unsupervised(lab, "h0", "envoy-inference")
     status = run_fleet("status", "inference", "-i", base)
     assert status.returncode == 1
     rows = [l for l in status.stdout.splitlines() if re.match(r"│ h\d ", l)]
@@ -621,7 +623,7 @@ def test_secrets_never_appear_in_output(lab, tmp_path, redis_with_password, monk
 def test_a_backend_killed_and_redeployed_under_load(lab, base):
     with Load(f"{lab.host('h0').address}:8083") as load:
         time.sleep(2)
-        os.kill(pid_of(lab, "h1", "inference"), signal.SIGKILL)
+        kill_unsupervised(lab, "h1", "inference")  # stays down until the deploy below
         time.sleep(4)
         result = run_fleet("deploy", "inference", "-i", base)
         time.sleep(4)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from fleet import commands, connection, facts, plan, protocol
-from fleet.desired import FileSpec, HostState, ProcessSpec
+from fleet.desired import FileSpec, HostState, ProcessSpec, add_supervisor
 from fleet.inventory import Host
 
 STEP = 60  # seconds any step here may take before the session counts as stuck
@@ -48,6 +48,7 @@ def state_for(root, config, command, ports, start_timeout=10, tag="v1"):
     state.processes.append(ProcessSpec(name="svc", task="svc.role.process", command=command, fingerprint=tag,
                                        ports=tuple(ports), start_timeout=start_timeout, files=(path,)))
     state.tasks += ["svc.role.config", "svc.role.process"]
+    add_supervisor(state)
     return state
 
 
@@ -181,6 +182,7 @@ def test_stop_ends_every_process_of_a_group_at_once(root, tmp_path):
         state.processes.append(ProcessSpec(name=name, task=f"{name}.t", command=command, fingerprint="x", ports=(),
                                            start_timeout=5))
     state.tasks += [p.task for p in state.processes]
+    add_supervisor(state)
     assert deploy(root, state, "1-1")[0].exit_code == 0
     conn, shell = open_session(root)
     try:
@@ -302,10 +304,18 @@ def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
         wait_for(lambda: pid_in(root) not in (None, old), 20, "the new version to start")
         # The host itself loses the switch (a reboot, an OOM kill): nothing finished it.
         out = subprocess.run(["pgrep", "-f", "switch.sh"], capture_output=True, text=True).stdout.split()
+        # The switch and what it runs (not the services); its forks (command substitutions) carry
+        # the same command line, so the group is named by its leader.
+        groups = set()
         for pid in out:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if os.path.join(root, ".switch", "1-2").encode() in f.read():
-                    os.killpg(int(pid), signal.SIGKILL)  # the switch and what it runs (not the services)
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if os.path.join(root, ".switch", "1-2").encode() in f.read():
+                        groups.add(os.getpgid(int(pid)))
+            except OSError:
+                pass  # a fork that ended meanwhile
+        assert len(groups) == 1, groups
+        os.killpg(groups.pop(), signal.SIGKILL)
         conn.close()
         # The killed switch's processes may hold the lock a moment longer, as they die.
         conn, shell = open_session(root, wait=10)
@@ -320,3 +330,21 @@ def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
             assert f.read() == b"v1"
     finally:
         stop_all(root)
+
+
+@pytest.mark.parametrize("systemd_pid1, expected", [(True, True), (False, False)])
+def test_the_facts_step_tells_hosts_that_run_systemd(root, tmp_path, systemd_pid1, expected):
+    """systemd as PID 1 is told by /run/systemd/system and a systemctl on PATH. This machine has
+    neither as a systemd host would: a private mount namespace with /run on a tmpfs fakes it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    script = tmp_path / "facts.sh"
+    script.write_text(commands.prelude(root) + "report_init\n")
+    setup = "mount -t tmpfs tmpfs /run && " + ("mkdir -p /run/systemd/system && " if systemd_pid1 else "")
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          f'{setup}PATH="$1:$PATH" exec dash "$2"', "sh", str(bin_dir), str(script)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert facts.parse(out.stdout).systemd is expected

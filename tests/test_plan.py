@@ -82,6 +82,37 @@ def test_dead_process_is_restarted_alone():
     assert p.reasons["inference"] == "not running"
 
 
+def test_every_host_with_processes_gets_the_supervisor_and_an_unsupervised_process_restarts():
+    _, states = compile_seed()
+    state = states["node110"]
+    supervisor = [f for f in state.files if f.task == desired.SUPERVISOR_TASK]
+    assert [f.path for f in supervisor] == [state.supervisor]
+    assert state.supervisor == f"/opt/fleet/artifacts/{supervisor[0].sha256[:16]}/supervisor.py"
+    report = report_matching(state)
+    # Started by an older fleet, without a supervisor: nothing would restart it, so it restarts now.
+    fingerprint = state.processes[0].fingerprint
+    report.procs["inference"] = facts.ProcState("inference", 100, True, fingerprint, facts.parse_supervision(
+        "inference 0"))
+    p = plan.plan_host(state, report)
+    assert [r.name for r in p.restarts] == ["inference"]
+    assert p.reasons["inference"] == "running without fleet's supervisor"
+    report.procs["inference"] = facts.ProcState("inference", 100, True, fingerprint, facts.parse_supervision(
+        "inference 1 name=inference state=running restarts=2 last_exit=SIGKILL"))
+    assert not plan.plan_host(state, report).changed
+
+
+def test_a_file_changed_on_the_host_is_put_back_and_restarts_what_runs_with_it():
+    _, states = compile_seed()
+    state = states["node110"]
+    report = report_matching(state)
+    config = next(f for f in state.files if f.path.endswith("/config.yaml"))
+    report.contents[config.path] = b"modelParallelism: edited by hand\n"
+    p = plan.plan_host(state, report)
+    assert [s.path for s in p.send] == [config.path]
+    assert [r.name for r in p.restarts] == ["inference"]
+    assert p.reasons["inference"] == "a file it restarts on differs on the host"
+
+
 def test_config_change_restarts_the_service_with_a_diff(tmp_path):
     _, states = compile_seed()
     old = states["node110"]

@@ -15,13 +15,15 @@ import zipfile
 
 import yaml
 
-from fleet import artifacts
+from fleet import artifacts, desired
 from tests.conftest import REPO, run_fleet, write_inventory
 from tests.load import Load
 
 LAB_HOSTS = 4  # h0: Envoy; h1-h3: backends
 BACKENDS = ("h1", "h2", "h3")
 RUN = {}  # what earlier tests of this module left for later ones
+# The supervisor's directory under ROOT/artifacts: in use on every host that runs a process.
+SUPERVISOR_DIR = artifacts.file_sha256(desired.SUPERVISOR_SOURCE)[:16]
 
 
 def inventory(lab, artifact=None, **vars):
@@ -181,6 +183,7 @@ def test_only_the_kept_releases_remain_and_unused_artifacts_are_pruned(lab, tmp_
         assert sorted(os.listdir(host_file(lab, host, "releases", "inference"))) == sorted(
             [r["id"] for r in kept] + ["current"])
         named = {a["path"].split("/artifacts/")[1].split("/")[0] for r in kept for a in r["artifacts"]}
-        assert set(os.listdir(host_file(lab, host, "artifacts"))) == named
-    # h1 ran 8 services artifacts (the built-in one, 6 variants); the 5 kept releases name 5 of them.
-    assert len(os.listdir(host_file(lab, "h1", "artifacts"))) == 5
+        assert set(os.listdir(host_file(lab, host, "artifacts"))) == named | {SUPERVISOR_DIR}
+    # h1 ran 8 services artifacts (the built-in one, 6 variants); the 5 kept releases name 5 of them,
+    # beside them the supervisor every process runs under.
+    assert len(os.listdir(host_file(lab, "h1", "artifacts"))) == 5 + 1

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from friesian_services import reference, smoke
-from tests.conftest import run_fleet, run_smoke, write_inventory
+from tests.conftest import kill_unsupervised, run_fleet, run_smoke, write_inventory
 
 USERS = [0, 5, 42]
 
@@ -94,7 +94,7 @@ def inference_health(lab):
 
 
 def test_answers_continue_with_one_inference_backend_killed(lab, inventory):
-    lab.exec("h2", "sh", "-c", f"kill -9 $(cat {lab.host('h2').srv}/fleet/run/inference.pid)")
+    kill_unsupervised(lab, "h2", "inference")  # with its supervisor: it stays down
     for _ in range(20):
         check_recommendations(lab)
     killed = f"{lab.host('h2').address}:7073"

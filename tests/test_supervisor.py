@@ -15,6 +15,7 @@ import pytest
 
 from fleet import artifacts, supervisor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tests.conftest import alive
 
 SUPERVISOR = os.path.abspath(supervisor.__file__)
 # The supervisor runs with a host's own python3, beside which neither fleet nor its
@@ -40,15 +41,6 @@ def wait_for(predicate, timeout=15, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-def alive(pid):
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Root:

@@ -1,12 +1,14 @@
 """Unit files: the quoting of every value (pure), and systemd's own parser on rendered units
 (`systemd-analyze verify`, Debian package systemd): it must accept them without a warning."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from fleet import systemd
+from fleet import commands, desired, systemd
+from tests.conftest import REPO, load_inventory, project
 
 HOSTILE = ['a b', 'say "hi"', "it's", "$HOME", "${PATH}", "100%", "%n", "back\\slash", ";", "tail\\"]
 
@@ -89,3 +91,18 @@ def test_systemd_analyze_catches_what_the_quoting_prevents(tmp_path):
 def test_unit_names_tell_roots_apart():
     a, b = systemd.unit_name("/srv/a", "inference"), systemd.unit_name("/srv/b", "inference")
     assert a != b and a.startswith("fleet-inference-") and a.endswith(".service")
+
+
+def test_units_for_fleets_own_processes_pass_systemd_analyze(tmp_path):
+    """The units fleet would install on a host that runs systemd: each process of the seed
+    inventory (backends and Envoy), run as the supervisor runs it (`sh -c 'exec COMMAND'`, the
+    stop grace). Checked here; this machine has no systemd as PID 1 to run them."""
+    inv = load_inventory(os.path.join(REPO, "inventory", "seed.yaml"))
+    states = desired.compile_services(inv, list(inv.services.values()), project())
+    processes = [(state.host.root, p) for state in states.values() for p in state.processes]
+    assert {p.name for _, p in processes} >= {"inference", "envoy-inference"}
+    for root, process in processes:
+        unit = systemd.unit_name(root, process.name)
+        text = systemd.render_unit(root, process.name, ["/bin/sh", "-c", f"exec {process.command}"],
+                                   grace=commands.STOP_GRACE_SECONDS)
+        assert verify(tmp_path, text, name=unit) == (0, ""), unit
