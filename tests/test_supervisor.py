@@ -232,7 +232,7 @@ def test_start_takes_over_from_an_unsupervised_process_of_the_same_name(root):
 def test_the_supervisor_leaves_the_callers_session_lock_and_stdin(root, tmp_path):
     lock = str(tmp_path / "deploy.lock")
     # As fleet's host script does: fd 9 holds the deploy lock while start runs.
-    script = f'exec 9>>"$1"; flock -n 9 || exit 9; shift; exec "$@"'
+    script = 'exec 9>>"$1"; flock -n 9 || exit 9; shift; exec "$@"'
     proc = subprocess.run(["sh", "-c", script, "sh", lock, HOST_PYTHON, SUPERVISOR, "start", root.path, "svc",
                            "--", *SLEEPER], capture_output=True, text=True, timeout=30)
     root.names.add("svc")
