@@ -49,8 +49,12 @@ class BenchFailed(SystemExit):
     pass
 
 
+class RunFailed(Exception):
+    """A tool's run exited non-zero (or did not do its job): recorded, and that tool's rep ends."""
+
+
 def timed(cmd, env=None, cwd=REPO):
-    """{seconds, peak_mb, cpu_s} of one command, and its output; a non-zero exit stops the bench."""
+    """{seconds, peak_mb, cpu_s} of one command, and its output; a non-zero exit raises RunFailed."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     output = proc.stdout.read().decode(errors="replace")
@@ -58,7 +62,7 @@ def timed(cmd, env=None, cwd=REPO):
     elapsed = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise BenchFailed(f"{' '.join(cmd[:4])}... exited {code}:\n{output[-4000:]}")
+        raise RunFailed(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:5])}... exited {code}:\n{output[-3000:]}")
     # wait4's usage covers the command and the descendants it waited for (Envoy's validation, ...).
     return {"seconds": round(elapsed, 2), "peak_mb": round(usage.ru_maxrss / 1024, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}, output
@@ -96,19 +100,21 @@ class Fleet:
         args = [sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", self.inventory(PARALLELISM[phase])]
         result, output = timed(args, env=self.env)
         if phase == "unchanged" and "no changes" not in output:
-            raise BenchFailed(f"fleet's unchanged run changed something:\n{output[-4000:]}")
+            raise RunFailed(f"fleet's unchanged run changed something:\n{output[-3000:]}")
         return result
 
     def timings(self, phase):
         """`fleet deploy --timings --json` of one more run of this phase: where the time went."""
         args = [sys.executable, "-m", "fleet.cli", "deploy", "inference", "--json", "--timings",
                 "-i", self.inventory(PARALLELISM[phase])]
+        start = time.perf_counter()
         proc = subprocess.run(args, capture_output=True, text=True, env=self.env, cwd=REPO)
+        wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise BenchFailed(f"fleet --timings exited {proc.returncode}:\n{proc.stderr[-4000:]}")
         document = json.loads(proc.stdout)
         hosts = {h["host"]: h.get("timings", {}) for h in document["hosts"]}
-        return {"run": document["timings"], "hosts": hosts}
+        return {"run": document["timings"], "hosts": hosts, "wall": round(wall, 3)}
 
 
 class Ansible:
@@ -311,12 +317,15 @@ def bench(n, login, tools, reps, lab_id, timings):
     with HostLab(n + 1, lab_id=lab_id, plain_user=login == "plain") as lab, \
             tempfile.TemporaryDirectory(prefix="fleet-bench-") as directory:
         os.chmod(directory, 0o755)
+        for host in lab.hosts:  # a plain lab made it for its user already
+            os.makedirs(os.path.join(host.srv, os.path.basename(ROOT)), exist_ok=True)
         runners = {"fleet": Fleet(lab, directory), "fleet-noagent": Fleet(lab, directory, agent=False),
                    "ansible": Ansible(lab, directory), "pyinfra": Pyinfra(lab, directory)}
         row = {"floor": floor(lab)}
         empty_hosts(lab)
         print(f"  floor {row['floor']}", flush=True)
         runs = {tool: {phase: [] for phase in PHASES} for tool in tools}
+        failures = {}
         for rep in range(reps):
             for tool in tools:
                 runner = runners[tool]
@@ -324,11 +333,16 @@ def bench(n, login, tools, reps, lab_id, timings):
                 runner.reset()
                 for phase in PHASES:
                     before = listeners(lab)
-                    result = runner.run(phase)
-                    after = listeners(lab)
-                    if None in after.values() or (phase == "changed" and set(before.values()) & set(after.values())):
-                        raise BenchFailed(f"{tool} {phase}: a backend does not run a new copy listening on 7073 "
-                                          f"(pids before {before}, after {after})")
+                    try:
+                        result = runner.run(phase)
+                        after = listeners(lab)
+                        if None in after.values() or (phase == "changed" and set(before.values()) & set(after.values())):
+                            raise RunFailed(f"a backend does not run a new copy listening on 7073 (pids before "
+                                            f"{before}, after {after})")
+                    except RunFailed as e:
+                        print(f"  rep {rep + 1} {tool:<14} {phase:<10} FAILED: {e}", flush=True)
+                        failures.setdefault(tool, []).append({"rep": rep + 1, "phase": phase, "error": str(e)[-1500:]})
+                        break  # the tool's later phases of this rep would start from a broken state
                     runs[tool][phase].append(result)
                     print(f"  rep {rep + 1} {tool:<14} {phase:<10} {result['seconds']:7.2f} s  "
                           f"cpu {result['cpu_s']:6.2f} s  peak {result['peak_mb']:6.1f} MB", flush=True)
@@ -339,10 +353,14 @@ def bench(n, login, tools, reps, lab_id, timings):
         empty_hosts(lab)
         for tool in tools:
             row[tool] = {phase: summary(runs[tool][phase]) for phase in PHASES}
+            if failures.get(tool):
+                row[tool]["failures"] = failures[tool]
         return row
 
 
 def summary(results):
+    if not results:
+        return {"seconds": None, "runs": []}
     return {"seconds": statistics.median(r["seconds"] for r in results),
             "runs": [r["seconds"] for r in results],
             "cpu_s": statistics.median(r["cpu_s"] for r in results),
@@ -355,16 +373,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="2,20,100,200", help="comma-separated N values, plain-login hosts")
     parser.add_argument("--root-backends", default="", help="comma-separated N values, root logins with pyenv")
-    parser.add_argument("--reps", type=int, default=3, help="runs of each phase per tool (medians are reported)")
-    parser.add_argument("--reps-at", default="", help="fewer reps for a tool at large N, e.g. ansible:200:1")
+    parser.add_argument("--reps", type=int, default=1, help="runs of each phase per tool (medians are reported; "
+                                                            "docs/performance.md's run used 3)")
+    parser.add_argument("--reps-at", default="", help="other reps for a tool at one N, e.g. ansible:100:1 "
+                                                       "(0: not run there), ansible:20:1:root for the root table; comma-separated")
     parser.add_argument("--tools", default="fleet,fleet-noagent,pyinfra,ansible")
+    parser.add_argument("--timings-at", default="20", help="N values (plain hosts) at which to record one more "
+                                                           "fleet run of each phase with --timings")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results.json"))
     args = parser.parse_args()
     tools = args.tools.split(",")
+    timings_at = {int(x) for x in filter(None, args.timings_at.split(","))}
     fewer = {}
     for spec in filter(None, args.reps_at.split(",")):
-        tool, n, reps = spec.split(":")
-        fewer[(tool, int(n))] = int(reps)
+        tool, n, reps, *login = spec.split(":")
+        fewer[(login[0] if login else "plain", tool, int(n))] = int(reps)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "python": platform.python_version()},
                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "reps": args.reps, "tables": {}}
@@ -376,19 +399,27 @@ def main():
             # A tool with fewer reps at this N runs in a sitting of its own, after the others.
             groups = {}
             for tool in tools:
-                groups.setdefault(fewer.get((tool, n), args.reps), []).append(tool)
+                groups.setdefault(fewer.get((login, tool, n), args.reps), []).append(tool)
             for reps, group in sorted(groups.items(), reverse=True):
-                part = bench(n, login, group, reps, lab_id, timings=login == "plain" and "fleet" in group)
+                if reps == 0:
+                    row.setdefault("not_run", []).extend(group)
+                    continue
+                part = bench(n, login, group, reps, lab_id, timings=login == "plain" and n in timings_at)
                 row.update({k: v for k, v in part.items() if k not in row})
                 row.setdefault("reps", {}).update({tool: reps for tool in group})
             table[str(n)] = row
-            lab_id += 1
-        if table:
             results["tables"][login] = table
+            lab_id += 1
+            write(results, args.out)  # row by row: a run cut short keeps what it measured
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write(results, args.out)
     print(f"results written to {args.out}")
+
+
+def write(results, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
