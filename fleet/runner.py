@@ -3,6 +3,7 @@ module that sequences remote work; what to run comes from desired/plan/commands.
 
 import dataclasses
 import getpass
+import hashlib
 import os
 import socket
 import threading
