@@ -5,7 +5,7 @@ import os
 import sys
 
 PHASES = ("cold", "unchanged", "changed")
-TOOLS = {"fleet": "fleet", "fleet-noagent": "fleet (agent: false)", "pyinfra": "pyinfra", "ansible": "Ansible"}
+TOOLS = {"fleet": "fleet", "pyinfra": "pyinfra", "ansible": "Ansible"}
 
 
 def floor_of(floor, phase):

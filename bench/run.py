@@ -70,20 +70,18 @@ def timed(cmd, env=None, cwd=REPO):
 
 # -- the tools --------------------------------------------------------------------------------
 class Fleet:
-    def __init__(self, lab, directory, agent=True):
-        self.lab, self.directory, self.agent = lab, directory, agent
-        self.name = "fleet" if agent else "fleet (agent: false)"
-        # Its own controller cache (agents, validated configs, artifact hashes), kept across runs
-        # as an operator's would be; reset() forgets the agents of emptied hosts.
+    name = "fleet"
+
+    def __init__(self, lab, directory):
+        self.lab, self.directory = lab, directory
+        # Its own controller cache (validated Envoy configs, artifact hashes), kept across runs as
+        # an operator's would be.
         self.env = dict(os.environ, XDG_CACHE_HOME=os.path.join(directory, "fleet-cache"))
 
     def inventory(self, parallelism):
-        hosts = self.lab.inventory_hosts(root=ROOT)
-        for host in hosts.values():
-            host["agent"] = self.agent
-        data = {"hosts": hosts, "services": {"inference": {
+        data = {"hosts": self.lab.inventory_hosts(root=ROOT), "services": {"inference": {
             "port": 7073, "backends": [h.name for h in self.lab.hosts[1:]],
-            "ingress": {"host": "h0", "port": 8083, "admin_port": 9090},
+            "ingress": {"host": "h0", "port": 8083},
             "vars": {"modelParallelism": parallelism}}}}
         path = os.path.join(self.directory, f"fleet-{parallelism}.yaml")
         with open(path, "w") as f:
@@ -91,10 +89,7 @@ class Fleet:
         return path
 
     def reset(self):
-        try:
-            os.unlink(os.path.join(self.env["XDG_CACHE_HOME"], "fleet", "agents.json"))
-        except FileNotFoundError:
-            pass
+        pass
 
     def run(self, phase):
         args = [sys.executable, "-m", "fleet.cli", "deploy", "inference", "-i", self.inventory(PARALLELISM[phase])]
@@ -187,7 +182,7 @@ def tool_vars(lab, parallelism):
 
 
 def empty_hosts(lab):
-    """Every process the hosts run but their sshd (services, Envoys, agents, sessions) killed,
+    """Every process the hosts run but their sshd (services, Envoys, sessions) killed,
     and the tools' root emptied: the next cold run starts from nothing."""
     sshd = {h.sshd.pid for h in lab.hosts}
     for host in lab.hosts:
@@ -319,8 +314,7 @@ def bench(n, login, tools, reps, lab_id, timings):
         os.chmod(directory, 0o755)
         for host in lab.hosts:  # a plain lab made it for its user already
             os.makedirs(os.path.join(host.srv, os.path.basename(ROOT)), exist_ok=True)
-        runners = {"fleet": Fleet(lab, directory), "fleet-noagent": Fleet(lab, directory, agent=False),
-                   "ansible": Ansible(lab, directory), "pyinfra": Pyinfra(lab, directory)}
+        runners = {"fleet": Fleet(lab, directory), "ansible": Ansible(lab, directory), "pyinfra": Pyinfra(lab, directory)}
         row = {"floor": floor(lab)}
         empty_hosts(lab)
         print(f"  floor {row['floor']}", flush=True)
@@ -377,7 +371,7 @@ def main():
                                                             "docs/performance.md's run used 3)")
     parser.add_argument("--reps-at", default="", help="other reps for a tool at one N, e.g. ansible:100:1 "
                                                        "(0: not run there), ansible:20:1:root for the root table; comma-separated")
-    parser.add_argument("--tools", default="fleet,fleet-noagent,pyinfra,ansible")
+    parser.add_argument("--tools", default="fleet,pyinfra,ansible")
     parser.add_argument("--timings-at", default="20", help="N values (plain hosts) at which to record one more "
                                                            "fleet run of each phase with --timings")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results.json"))
