@@ -274,7 +274,8 @@ def start_services(lab):
     namespace, as the login user, no SSH) until each one's port accepts connections."""
     config = os.path.join(tempfile.mkdtemp(prefix="floor-", dir=lab.dir), "config.yaml")
     with open(config, "w") as f:
-        f.write("servicePort: 7073\nbindAddress: 0.0.0.0\nmonitorPort: 0\nmodelPath: \"\"\nmodelParallelism: 4\n")
+        f.write("servicePort: 7073\nbindAddress: 0.0.0.0\nmonitorPort: 0\nmodelPath: \"\"\nmodelParallelism: 4\n"
+                "drainSeconds: 0\ngraceSeconds: 5\n")
     os.chmod(os.path.dirname(config), 0o755)
     os.chmod(config, 0o644)
     artifact = artifacts.resolve("builtin:services", ".").path
