@@ -37,22 +37,37 @@ def ratio(row, tool, other, phase):
     return f"{mine / theirs:.2f}" if mine is not None and theirs else "-"
 
 
+def tools_of(rows):
+    return [t for t in TOOLS if any(t in row or t in row.get("not_run", ()) for row in rows.values())]
+
+
 def table(rows):
-    tools = [t for t in TOOLS if any(t in row or t in row.get("not_run", ()) for row in rows.values())]
-    lines = ["| N | run | " + " | ".join(TOOLS[t] for t in tools) + " | fleet / pyinfra | fleet / Ansible | floor | "
-             "fleet / floor | fleet CPU | fleet peak memory |",
-             "|---|---|" + "---|" * len(tools) + "---|---|---|---|---|---|"]
+    tools = tools_of(rows)
+    lines = ["| N | run | " + " | ".join(TOOLS[t] for t in tools) + " | fleet / pyinfra | fleet / Ansible | "
+             "fleet CPU | fleet peak memory |",
+             "|---|---|" + "---|" * len(tools) + "---|---|---|---|"]
+    for n, row in rows.items():
+        for phase in PHASES:
+            fleet = row.get("fleet", {}).get(phase, {})
+            cpu, peak = fleet.get("cpu_s"), fleet.get("peak_mb")
+            lines.append(f"| {n} | {phase} | " + " | ".join(cell(row, t, phase) for t in tools)
+                         + f" | {ratio(row, 'fleet', 'pyinfra', phase)} | {ratio(row, 'fleet', 'ansible', phase)}"
+                         f" | {f'{cpu:.2f} s' if cpu is not None else '-'}"
+                         f" | {f'{peak:.0f} MB' if peak is not None else '-'} |")
+    return "\n".join(lines)
+
+
+def distance_table(rows):
+    """Each tool's median as a multiple of the floor of that run."""
+    tools = tools_of(rows)
+    lines = ["| N | run | floor | " + " | ".join(TOOLS[t] for t in tools) + " |",
+             "|---|---|---|" + "---|" * len(tools)]
     for n, row in rows.items():
         for phase in PHASES:
             floor = floor_of(row["floor"], phase)
-            fleet = seconds(row, "fleet", phase)
-            cpu = row.get("fleet", {}).get(phase, {}).get("cpu_s")
-            peak = row.get("fleet", {}).get(phase, {}).get("peak_mb")
-            lines.append(f"| {n} | {phase} | " + " | ".join(cell(row, t, phase) for t in tools)
-                         + f" | {ratio(row, 'fleet', 'pyinfra', phase)} | {ratio(row, 'fleet', 'ansible', phase)}"
-                         f" | {floor:.2f} s | {f'{fleet / floor:.1f}x' if fleet else '-'}"
-                         f" | {f'{cpu:.2f} s' if cpu is not None else '-'}"
-                         f" | {f'{peak:.0f} MB' if peak is not None else '-'} |")
+            cells = [f"{seconds(row, t, phase) / floor:.1f}x" if seconds(row, t, phase) is not None else "-"
+                     for t in tools]
+            lines.append(f"| {n} | {phase} | {floor:.2f} s | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -103,14 +118,39 @@ def failures(rows):
     return "\n".join(lines)
 
 
+TARGETS = {"cold": 0.8, "unchanged": 0.5, "changed": 1.0}  # issue 12: fleet / pyinfra at N=20, plain hosts
+
+
+def targets(rows):
+    row = rows.get("20")
+    if not row or "pyinfra" not in row:
+        return ""
+    lines = ["Targets at N=20 (fleet / pyinfra, medians):", ""]
+    for phase, limit in TARGETS.items():
+        mine, theirs = seconds(row, "fleet", phase), seconds(row, "pyinfra", phase)
+        if mine is None or not theirs:
+            lines.append(f"- {phase}: not measured")
+            continue
+        held = "holds" if mine / theirs <= limit else "does not hold"
+        lines.append(f"- {phase}: {mine:.2f} s / {theirs:.2f} s = {mine / theirs:.2f} (target <= {limit}): {held}")
+    return "\n".join(lines) + "\n"
+
+
 def report(results):
-    parts = []
+    parts = [f"Run of {results['started']} to {results.get('finished', '(cut short)')}, medians of "
+             f"{results['reps']} runs unless a cell says otherwise.", ""]
     for login, title in (("plain", "Plain hosts (login: a /bin/sh user)"),
                          ("root", "Root hosts (login: root, pyenv in .bashrc)")):
         rows = results["tables"].get(login)
         if not rows:
             continue
-        parts += [f"### {title}", "", table(rows), "", "The floor:", "", floor_table(rows), ""]
+        parts += [f"### {title}", "", table(rows), ""]
+        if login == "plain" and targets(rows):
+            parts += [targets(rows)]
+        parts += ["The floor, measured at the start of each N:", "", floor_table(rows), "",
+                  "Each tool as a multiple of the floor (cold: handshakes + one command + the longer of pushing the "
+                  "bytes and starting the services; unchanged: handshakes + one command; changed: handshakes + one "
+                  "command + starting the services):", "", distance_table(rows), ""]
         if timings_table(rows):
             parts += [timings_table(rows)]
         if failures(rows):
