@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fleet import artifacts  # noqa: E402
-from tests.hostlab import HostLab  # noqa: E402
+from tests.hostlab import HostLab, host_python  # noqa: E402
 
 BENCH = os.path.join(REPO, "bench")
 PHASES = ("cold", "unchanged", "changed")
@@ -265,45 +265,47 @@ def floor(lab):
             raise BenchFailed(f"pushing failed on a host: {codes}")
         for client in clients:
             client.close()
-    result["start_services_s"] = start_services(lab)
+    result["start_services_s"] = start_services(lab.python, len(hosts) - 1, port_base(lab.lab_id))
     return result
 
 
-def start_services(lab):
-    """Seconds from starting the inference service on every backend at once (straight into its
-    namespace, as the login user, no SSH) until each one's port accepts connections."""
-    config = os.path.join(tempfile.mkdtemp(prefix="floor-", dir=lab.dir), "config.yaml")
-    with open(config, "w") as f:
-        f.write("servicePort: 7073\nbindAddress: 0.0.0.0\nmonitorPort: 0\nmodelPath: \"\"\nmodelParallelism: 4\n"
-                "drainSeconds: 0\ngraceSeconds: 5\n")
-    os.chmod(os.path.dirname(config), 0o755)
-    os.chmod(config, 0o644)
+def start_services(python, n, port_base):
+    """Seconds from starting n inference services at once on this machine (on 127.0.0.1, ports
+    port_base.., no SSH, no namespace to enter, no user to switch to) until each accepts
+    connections: what starting the backends costs on these 2 cores, at the least."""
+    directory = tempfile.mkdtemp(prefix="fleet-floor-")
     artifact = artifacts.resolve("builtin:services", ".").path
-    copy = os.path.join(os.path.dirname(config), "friesian-services.pyz")
-    shutil.copy(artifact, copy)
-    os.chmod(copy, 0o644)
-    as_user = ["runuser", "-u", lab.user, "--"] if lab.user else []
-    os.chmod(lab.dir, 0o711)
+    configs = []
+    for i in range(n):
+        configs.append(os.path.join(directory, f"config-{i}.yaml"))
+        with open(configs[-1], "w") as f:
+            f.write(f"servicePort: {port_base + i}\nbindAddress: 127.0.0.1\nmonitorPort: 0\nmodelPath: \"\"\n"
+                    "modelParallelism: 4\ndrainSeconds: 0\ngraceSeconds: 5\n")
     start = time.perf_counter()
-    procs = [subprocess.Popen(["ip", "netns", "exec", h.namespace, *as_user, lab.python, copy, "inference", "-c",
-                               config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for h in lab.hosts[1:]]
+    procs = [subprocess.Popen([python, artifact, "inference", "-c", config], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for config in configs]
     try:
-        deadline = time.monotonic() + 120
-        for host in lab.hosts[1:]:
+        deadline = time.monotonic() + 300
+        for i, proc in enumerate(procs):
             while True:
                 try:
-                    socket.create_connection((host.address, 7073), timeout=1).close()
+                    socket.create_connection(("127.0.0.1", port_base + i), timeout=1).close()
                     break
                 except OSError:
-                    if time.monotonic() > deadline:
-                        raise BenchFailed(f"the service on {host.name} did not listen within 120 s")
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise BenchFailed(f"service {i} on port {port_base + i} exited or did not listen in 300 s")
                     time.sleep(0.02)
         return round(time.perf_counter() - start, 3)
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def port_base(lab_id):
+    """Loopback ports of the services floor: 256 per lab id, apart from the tests' (port_shift)."""
+    return 41000 + (lab_id - FIRST_LAB_ID) * 256
 
 
 # -- one table --------------------------------------------------------------------------------
@@ -376,8 +378,12 @@ def main():
     parser.add_argument("--timings-at", default="20", help="N values (plain hosts) at which to record one more "
                                                            "fleet run of each phase with --timings")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results.json"))
+    parser.add_argument("--services-floor", action="store_true",
+                        help="only time starting N services at once (each N of --backends) and add it to --out")
     args = parser.parse_args()
-    tools = args.tools.split(",")
+    if args.services_floor:
+        return services_floor(args)
+    tools = [t for t in args.tools.split(",") if t]
     timings_at = {int(x) for x in filter(None, args.timings_at.split(","))}
     fewer = {}
     for spec in filter(None, args.reps_at.split(",")):
@@ -409,6 +415,18 @@ def main():
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     write(results, args.out)
     print(f"results written to {args.out}")
+
+
+def services_floor(args):
+    """Adds {N: seconds} of start_services, in a sitting of its own, to an existing results file."""
+    with open(args.out) as f:
+        results = json.load(f)
+    floor = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    for n in (int(x) for x in filter(None, args.backends.split(","))):
+        floor[str(n)] = start_services(host_python(), n, port_base(FIRST_LAB_ID))
+        print(f"  starting {n} services: {floor[str(n)]:.2f} s", flush=True)
+    results["services_floor"] = floor
+    write(results, args.out)
 
 
 def write(results, path):
