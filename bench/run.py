@@ -330,6 +330,7 @@ def bench(n, login, tools, reps, lab_id, timings):
                 runner.reset()
                 for phase in PHASES:
                     before = listeners(lab)
+                    result = None
                     try:
                         result = runner.run(phase)
                         after = listeners(lab)
@@ -339,7 +340,8 @@ def bench(n, login, tools, reps, lab_id, timings):
                                             f"{before}, after {after})")
                     except RunFailed as e:
                         print(f"  rep {rep + 1} {tool:<14} {phase:<10} FAILED: {e}", flush=True)
-                        failures.setdefault(tool, []).append({"rep": rep + 1, "phase": phase, "error": str(e)[-1500:]})
+                        failures.setdefault(tool, []).append({"rep": rep + 1, "phase": phase, "error": str(e)[-1500:],
+                                                              "seconds": result and result["seconds"]})
                         break  # the tool's later phases of this rep would start from a broken state
                     runs[tool][phase].append(result)
                     print(f"  rep {rep + 1} {tool:<14} {phase:<10} {result['seconds']:7.2f} s  "
