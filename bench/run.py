@@ -54,18 +54,23 @@ class RunFailed(Exception):
 
 
 def timed(cmd, env=None, cwd=REPO):
-    """{seconds, peak_mb, cpu_s} of one command, and its output; a non-zero exit raises RunFailed."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    output = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
+    """{seconds, peak_mb, cpu_s} of one command, and its output; a non-zero exit raises RunFailed.
+    Peak memory and CPU come from GNU time, a small process between: Linux counts the memory of
+    the process that forked into a child's peak (it records the pre-exec peak), so wait4 here
+    would report the benchmark's own size for any command smaller than it."""
+    with tempfile.NamedTemporaryFile("r", prefix="fleet-bench-time-") as usage:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M %U %S", "-o", usage.name, *cmd],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        output = proc.stdout.read().decode(errors="replace")
+        code = proc.wait()
+        elapsed = time.perf_counter() - start
+        measured = usage.read().split()
     if code != 0:
         raise RunFailed(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:5])}... exited {code}:\n{output[-3000:]}")
-    # wait4's usage covers the command and the descendants it waited for (Envoy's validation, ...).
-    return {"seconds": round(elapsed, 2), "peak_mb": round(usage.ru_maxrss / 1024, 1),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}, output
+    # The command and the descendants it waited for (Envoy's validation, ...).
+    peak_kb, user, system = int(measured[-3]), float(measured[-2]), float(measured[-1])
+    return {"seconds": round(elapsed, 2), "peak_mb": round(peak_kb / 1024, 1), "cpu_s": round(user + system, 2)}, output
 
 
 # -- the tools --------------------------------------------------------------------------------
