@@ -116,8 +116,9 @@ def failures(rows):
     for n, row in rows.items():
         for tool in TOOLS:
             for failure in row.get(tool, {}).get("failures", []):
-                first = failure["error"].strip().splitlines()[0] if failure["error"].strip() else "?"
-                lines.append(f"- N={n} {TOOLS[tool]} rep {failure['rep']} {failure['phase']}: {first}")
+                took = f" after {failure['seconds']:.2f} s" if failure.get("seconds") else ""
+                lines.append(f"- N={n} {TOOLS[tool]} rep {failure['rep']} {failure['phase']}{took}: "
+                             f"{failure['error'].strip()[:160]}")
     return "\n".join(lines)
 
 

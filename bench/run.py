@@ -309,8 +309,9 @@ def start_services(python, n, port_base):
 
 
 def port_base(lab_id):
-    """Loopback ports of the services floor: 256 per lab id, apart from the tests' (port_shift)."""
-    return 41000 + (lab_id - FIRST_LAB_ID) * 256
+    """Loopback ports of the services floor: 256 per lab id, below the ephemeral range (32768-) and
+    above the tests' (port_shift)."""
+    return 21000 + (lab_id - FIRST_LAB_ID) * 256
 
 
 # -- one table --------------------------------------------------------------------------------
