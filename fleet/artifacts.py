@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,7 @@ BUILTIN_NAMES = {"builtin:services": "friesian-services.pyz", "builtin:envoy": "
 # an unchanged service is then never re-sent or restarted.
 _ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
 SERVICES_PACKAGE = "friesian_services"
+_SETTLED_NS = 5 * 10**9
 _MAIN = f"from {SERVICES_PACKAGE}.__main__ import main\n\nmain()\n".encode()
 
 
@@ -43,13 +45,47 @@ def resolve(src, base_dir):
     return Artifact(path=path, sha256=file_sha256(path), name=os.path.basename(path))
 
 
+def cache_dir():
+    """~/.cache/fleet (or $XDG_CACHE_HOME/fleet): what the controller keeps between runs."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fleet")
+
+
 @lru_cache(maxsize=None)
 def file_sha256(path):
+    """The file's sha256, remembered in the cache under the file's identity (device, inode, size,
+    mtime and ctime in ns): the 107 MB Envoy binary is hashed once per install, not once per run.
+    A file rewritten in place gets a new ctime (which no tool can set back), so a new hash; a file
+    changed in the last few seconds is not remembered (ctime ticks coarsely: a second write
+    within the same tick would go unseen)."""
+    st = os.stat(path)
+    identity = hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
+                              f"{st.st_mtime_ns}\0{st.st_ctime_ns}".encode()).hexdigest()
+    remembered = os.path.join(cache_dir(), "sha256", identity)
+    try:
+        with open(remembered) as f:
+            digest = f.read()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    if time.time_ns() - st.st_ctime_ns > _SETTLED_NS:
+        write_cache_file(remembered, h.hexdigest().encode())
     return h.hexdigest()
+
+
+def write_cache_file(path, data):
+    """Writes a cache entry whole (renamed into place); a cache that cannot be written is skipped."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
 
 
 @lru_cache(maxsize=None)
@@ -87,7 +123,7 @@ def build_services_zip():
 def _services_artifact():
     data = build_services_zip()
     sha = hashlib.sha256(data).hexdigest()
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fleet")
+    cache = cache_dir()
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"friesian-services-{sha[:16]}.pyz")
     if not os.path.exists(path):

@@ -1,5 +1,6 @@
 """`envoy --mode validate` on the controller, before any config is sent anywhere."""
 
+import hashlib
 import os
 import re
 import subprocess
@@ -21,11 +22,21 @@ def validate_envoy_configs(states, envoy_binary=None, mask=str):
     if not configs:
         return
     binary = envoy_binary or artifacts.resolve("builtin:envoy", ".").path
-    with ThreadPoolExecutor(max_workers=min(8, len(configs))) as pool:
-        results = list(pool.map(lambda text: _validate(binary, text), configs))
-    for (text, where), error in zip(configs.items(), results):
-        if error:
-            raise UsageError(mask(f"Envoy config rejected by `envoy --mode validate`: {error}"), key=where)
+    # A config this same Envoy accepted before is not validated again (a marker per accepted
+    # config and binary in the cache); rejections are never remembered.
+    accepted = os.path.join(artifacts.cache_dir(), "envoy-validated")
+    marker = {text: os.path.join(accepted, hashlib.sha256(
+        f"{artifacts.file_sha256(binary)}\0{text}".encode()).hexdigest()) for text in configs}
+    pending = [text for text in configs if not os.path.exists(marker[text])]
+    if not pending:
+        return
+    with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
+        results = dict(zip(pending, pool.map(lambda text: _validate(binary, text), pending)))
+    for text, where in configs.items():
+        if results.get(text):
+            raise UsageError(mask(f"Envoy config rejected by `envoy --mode validate`: {results[text]}"), key=where)
+    for text in pending:
+        artifacts.write_cache_file(marker[text], b"")
 
 
 def _validate(binary, text):

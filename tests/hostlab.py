@@ -4,6 +4,7 @@ joined by a bridge, each running its own sshd with a private /srv (see
 removed by the names it was created with."""
 
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -12,15 +13,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 
 from fleet import commands
 
 SUBNET_BASE = "10.213"  # 10.213.<lab>.0/24, a subnet that exists only inside this machine
 # The services' Python for plain logins: Debian's python3 has no grpcio, and root's Python
-# (under /root/.pyenv, mode 0700) is out of their reach. Built once per machine, shared by labs.
-HOST_PYTHON_DIR = "/var/cache/fleet-hostlab/python"
-HOST_PYTHON_PACKAGES = ("grpcio>=1.85.1", "protobuf>=7.35.1,<8", "pyyaml>=6")  # pyproject's, for fleet.services
+# (under /root/.pyenv, mode 0700) is out of their reach. Built once per machine and set of
+# packages (services/pyproject.toml's dependencies), shared by labs.
+with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "services",
+                       "pyproject.toml"), "rb") as _f:
+    HOST_PYTHON_PACKAGES = tuple(tomllib.load(_f)["project"]["dependencies"])
+HOST_PYTHON_DIR = ("/var/cache/fleet-hostlab/python-"
+                   + hashlib.sha256("\n".join(HOST_PYTHON_PACKAGES).encode()).hexdigest()[:12])
 
 
 class LabError(RuntimeError):
