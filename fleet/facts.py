@@ -81,7 +81,7 @@ def parse(text):
             state, _, path = rest.partition(" ")
             report.present[path] = state == "present"
         elif marker == P.CONTENT:
-            body = _block(lines)
+            body = block(lines)
             report.present[rest] = True
             report.contents[rest] = base64.b64decode("".join(body))
         elif marker == P.PROC:
@@ -93,7 +93,7 @@ def parse(text):
             if name in report.procs:
                 report.procs[name] = dataclasses.replace(report.procs[name], supervision=parse_supervision(rest))
         elif marker == P.NETSTAT:
-            report.listeners = parse_listeners(_block(lines))
+            report.listeners = parse_listeners(block(lines))
         elif marker == P.INIT:
             report.systemd = rest == "systemd"
         elif marker == P.ADDRESSES:
@@ -105,7 +105,7 @@ def parse(text):
             name, _, reason = rest.partition(" ")
             report.failures.append((name, reason))
         elif marker == P.LOG:
-            report.logs[rest] = "\n".join(_block(lines))
+            report.logs[rest] = "\n".join(block(lines))
         elif marker == P.STOPPED:
             report.stopped.append(rest)
         elif marker == P.NOT_RUNNING:
@@ -138,7 +138,8 @@ def parse_supervision(rest):
                        last_exit=None if last_exit == "-" else last_exit)
 
 
-def _block(lines):
+def block(lines):
+    """The lines of a report's block, up to its protocol.END (releases.py reads its own blocks too)."""
     body = []
     for line in lines:
         if line == P.END:
@@ -189,7 +190,7 @@ def parse_log_chunks(text):
             name, inode, offset = rest.split(" ")
             if not (inode == "-" or inode.isdigit()) or not offset.isdigit():
                 raise ValueError(f"bad log position: {line!r}")
-            chunks.append(LogChunk(name, inode, int(offset), base64.b64decode("".join(_block(lines)))))
+            chunks.append(LogChunk(name, inode, int(offset), base64.b64decode("".join(block(lines)))))
     return chunks
 
 

@@ -184,7 +184,7 @@ def parse_listing(text):
         marker, _, rest = line.partition(" ")
         if marker == P.RELEASE:
             service, _, release_id = rest.partition(" ")
-            body = "".join(facts._block(lines))
+            body = "".join(facts.block(lines))
             listing.releases.setdefault(service, []).append(_release(service, release_id, body))
         elif marker == P.CURRENT:
             service, _, release_id = rest.partition(" ")
