@@ -43,6 +43,7 @@ class ProcessSpec:
     ports: tuple
     start_timeout: int
     files: tuple = ()  # paths whose change restarts it (restored if the new version fails)
+    hot_restart: bool = False  # Envoy: restarted as its next epoch beside the running one
 
 
 @dataclass
@@ -212,9 +213,12 @@ def _process(state, label, task, args, task_files, where):
         timeout = int(args.get("start_timeout", 20))
     except ValueError as e:
         raise UsageError(f"ports and start_timeout must be numbers: {e}", path=where, key=task.name) from None
+    hot_restart = args.get("hot_restart", False)
+    if not isinstance(hot_restart, bool):
+        raise UsageError(f"hot_restart must be true or false, not {hot_restart!r}", path=where, key=task.name)
     state.processes.append(ProcessSpec(name=args["name"], task=label, command=args["command"],
                                        fingerprint=fingerprint, ports=ports, start_timeout=timeout,
-                                       files=tuple(f.path for f in dependencies)))
+                                       files=tuple(f.path for f in dependencies), hot_restart=hot_restart))
 
 
 def _content_file(label, path, content, secrets):
