@@ -218,6 +218,7 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
             Raw('chmod 600 "$R/.lock.holder"'),
         ]
     lines += [
+        Raw(f'echo "{P.MACHINE} $(uname -s) $(uname -m)"'),
         Raw(f'echo "{P.READY}"'),
         Raw("while :; do"),
         Raw("  script=; complete="),

@@ -54,6 +54,9 @@ class HostState:
     tasks: list = field(default_factory=list)  # task labels in apply order
     envoy_validations: list = field(default_factory=list)  # (label, static bootstrap text)
     supervisor: str | None = None  # where the supervisor lies on the host, if any process runs there
+    # The machine ("Linux x86_64") its machine-specific artifacts (artifacts.MACHINE_SPECIFIC) were
+    # resolved for: the host's, once its session reported it, else the controller's; None if it has none.
+    machine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,18 @@ class Project:
     roles: dict
     playbook: tuple
     renderer: object  # render.Renderer
-    # (src, base_dir) -> artifacts.Artifact: called at the edge (it builds and hashes); planning
-    # takes only the identity it returns.
+    # (src, base_dir, machine=None) -> artifacts.Artifact: called at the edge (it builds, hashes or
+    # fetches); planning takes only the identity it returns. machine: the host's, for
+    # artifacts.MACHINE_SPECIFIC sources (None: not known yet, the controller's own build).
     resolve_artifact: object
 
 
-def compile_services(inventory, services, project):
-    """HostState per host name for the named services, in playbook order on each host."""
+def compile_services(inventory, services, project, machines=None, only=None):
+    """HostState per host name for the named services, in playbook order on each host.
+    machines: {host name: machine} its sessions reported (the others get the controller's own
+    builds); only: compile this host alone."""
     states = {}
+    machines = machines or {}
     base_dir = os.path.dirname(os.path.abspath(inventory.path))
     for service in services:
         for play in project.playbook:
@@ -79,11 +86,14 @@ def compile_services(inventory, services, project):
                 raise UsageError(f"no role {role_name!r}", path="playbooks/deploy.yaml", key="role")
             targets = [b.host for b in service.backends] if play.hosts == "backends" else [service.ingress.host]
             for host_name in targets:
+                if only is not None and host_name != only:
+                    continue
                 host = inventory.hosts[host_name]
                 state = states.setdefault(host_name, HostState(host=host))
                 play_vars = service.vars if play.hosts == "backends" else service.ingress.vars
                 context = role_context(inventory, service, role, host, play_vars)
-                _apply_role(state, role, service, context, project, base_dir, inventory.secrets)
+                _apply_role(state, role, service, context, project, base_dir, inventory.secrets,
+                            machines.get(host_name))
     for state in states.values():
         if state.processes:
             add_supervisor(state)
@@ -145,7 +155,7 @@ def role_context(inventory, service, role, host, play_vars):
     return context
 
 
-def _apply_role(state, role, service, context, project, base_dir, secrets):
+def _apply_role(state, role, service, context, project, base_dir, secrets, machine=None):
     renderer = project.renderer
     where = f"roles/{role.name}/tasks.yaml"
     task_files = {}  # task name -> files a process restart depends on
@@ -153,7 +163,9 @@ def _apply_role(state, role, service, context, project, base_dir, secrets):
         label = f"{service.name}.{role.name}.{task.name}"
         args = renderer.value(task.args, context, where)
         if task.module == "upload":
-            artifact = project.resolve_artifact(args["src"], base_dir)
+            artifact = project.resolve_artifact(args["src"], base_dir, machine=machine)
+            if args["src"] in artifacts.MACHINE_SPECIFIC:
+                state.machine = machine or artifacts.controller_machine()
             path = _under_root(state.host.root, posixpath.join("artifacts", artifact.sha256[:16], artifact.name),
                                where, task.name)
             spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),
