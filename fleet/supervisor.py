@@ -12,7 +12,7 @@ single child, no protocol to add or remove services, no config to reload, and a 
 it touches one backend only; start/stop map one to one onto a systemd unit where the host has
 systemd. It costs one small Python process (~10 MB) per service process, which hosts afford.
 
-`start` execs a fresh interpreter that enters a new session (setsid: the SSH session ending does
+`start` forks the supervisor, which enters a new session (setsid: the SSH session ending does
 not reach it) once it has written NAME.sup, stdin /dev/null, every inherited fd above 2 closed
 (fd 9 holds fleet's deploy lock), umask 077. The supervisor runs COMMAND (no shell; pass `sh -c '...'` for one) with cwd ROOT and
 FLEET_PROC=ROOT/NAME in its environment, in a process group of its own, and with
@@ -56,8 +56,6 @@ import argparse
 import ctypes
 import datetime
 import errno
-import hashlib
-import json
 import os
 import re
 import selectors
@@ -66,7 +64,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_@][A-Za-z0-9_.@-]*$")
 PR_SET_PDEATHSIG = 1
@@ -231,6 +228,8 @@ def _pdeathsig_setter():
 def base_id(root, name):
     """Envoy's --base-id for ROOT/NAME on this machine: from the network and mount namespaces
     (namespace hosts share one /dev/shm), ROOT and NAME; never 0, Envoy's default."""
+    import hashlib
+
     spaces = []
     for space in ("net", "mnt"):
         try:
@@ -315,6 +314,8 @@ class Supervisor:
 
     def reload(self):
         """The next epoch, with the command `reload` left in NAME.next, beside the running one."""
+        import json
+
         try:
             with open(self.paths.next) as f:
                 command = json.load(f)
@@ -521,6 +522,14 @@ def cmd_status(paths, _args):
 
 
 def cmd_start(paths, args):
+    marker = f"{paths.root}/{paths.name}"
+    if os.environ.get("FLEET_SUPERVISOR") != marker or "FLEET_PROC" in os.environ:
+        # The supervisor is this process, forked; it is known by FLEET_SUPERVISOR in its initial
+        # environment (/proc/PID/environ), which only exec sets. fleet's host scripts pass it, so
+        # they never pay for this second interpreter.
+        env = dict(os.environ, FLEET_SUPERVISOR=marker)
+        env.pop("FLEET_PROC", None)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args.argv], env)
     paths.make_dirs()
     running = paths.live_supervisor()
     if running:
@@ -533,30 +542,27 @@ def cmd_start(paths, args):
             os.unlink(path)
         except FileNotFoundError:
             pass
-    env = dict(os.environ, FLEET_SUPERVISOR=f"{paths.root}/{paths.name}")
-    env.pop("FLEET_PROC", None)
-    options = ["--grace", f"{args.grace:g}", "--backoff-min", f"{args.backoff_min:g}", "--backoff-max",
-               f"{args.backoff_max:g}", "--stable", f"{args.stable:g}", "--log-max-bytes", str(args.log_max_bytes),
-               "--log-keep", str(args.log_keep)] + (["--hot-restart"] if args.hot_restart else [])
-    log = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", paths.root, paths.name, *options,
-                             "--", *args.command], env=env, cwd=paths.root, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=log, close_fds=True)
-    os.close(log)
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        code = 1
+        try:
+            code = run_supervisor(paths, args)
+        finally:
+            os._exit(code)
     # Wait (bounded) until the supervisor has recorded its first start, so that the caller's
     # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one.
     deadline = time.monotonic() + RELOAD_SECONDS
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            print(f"{paths.name}: supervisor exited at once ({describe_returncode(proc.returncode)}); "
-                  f"see {paths.log}", file=sys.stderr)
+        exited, status = os.waitpid(pid, os.WNOHANG)
+        if exited:
+            print(f"{paths.name}: supervisor exited at once ({exit_reason(status)}); see {paths.log}", file=sys.stderr)
             return 1
         fields = paths.read_state()
         if fields.get("state") in ("running", "backoff"):
             print(format_state(fields))
             return 0
-        time.sleep(0.05)
-    print(f"{paths.name}: supervisor pid {proc.pid} recorded no state within {RELOAD_SECONDS}s; see {paths.log}",
+        time.sleep(0.01)
+    print(f"{paths.name}: supervisor pid {pid} recorded no state within {RELOAD_SECONDS}s; see {paths.log}",
           file=sys.stderr)
     return 1
 
@@ -570,6 +576,8 @@ def cmd_reload(paths, args):
     if not supervisor or fields.get("epoch", "-") == "-" or fields.get("state") in ("stopping", "stopped"):
         print(f"{paths.name}: not run by a supervisor with --hot-restart; start it instead", file=sys.stderr)
         return NOT_RUNNING
+    import json
+
     before = fields.get("reloads")
     write_atomic(paths.next, json.dumps(args.command))
     os.kill(supervisor, signal.SIGUSR1)
@@ -586,10 +594,6 @@ def cmd_reload(paths, args):
     print(f"{paths.name}: the supervisor did not take the reload within {RELOAD_SECONDS}s; see {paths.log}",
           file=sys.stderr)
     return 1
-
-
-def describe_returncode(returncode):
-    return f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
 
 
 def wait_gone(pid, marker, timeout):
@@ -664,7 +668,7 @@ class Parser(argparse.ArgumentParser):
 def parser():
     top = Parser(prog="supervisor.py", description="Keeps one service process alive.")
     sub = top.add_subparsers(dest="action", required=True, parser_class=Parser)
-    for action in ("start", "_run", "reload", "stop", "status"):
+    for action in ("start", "reload", "stop", "status"):
         p = sub.add_parser(action)
         p.add_argument("root")
         p.add_argument("name")
@@ -699,37 +703,42 @@ def main(argv=None):
     head, command = split_command(argv)
     try:
         args = parser().parse_args(head)
-        args.command = command
-        if args.action not in ("start", "_run", "reload") and command:
+        args.command, args.argv = command, argv
+        if args.action not in ("start", "reload") and command:
             raise Usage(f"{args.action} takes no command")
-        if args.action in ("start", "_run", "reload") and not command:
+        if args.action in ("start", "reload") and not command:
             raise Usage(f"{args.action} needs a command after --")
-        if args.action in ("start", "_run") and args.log_max_bytes < 1:
+        if args.action == "start" and args.log_max_bytes < 1:
             raise Usage("--log-max-bytes must be at least 1")
         paths = Paths(args.root, args.name)
     except Usage as e:
         print(f"supervisor.py: {e}", file=sys.stderr)
         return 2
-    if args.action == "_run":
-        return run_supervisor(paths, args)
     return {"start": cmd_start, "reload": cmd_reload, "stop": cmd_stop, "status": cmd_status}[args.action](paths, args)
 
 
 def run_supervisor(paths, args):
+    """The forked supervisor: stdin and stdout /dev/null, every inherited descriptor above 2
+    closed (the caller's pipes, fleet's deploy lock), then the loop."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    for fd in [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]:
+        try:
+            os.close(fd)
+        except OSError:  # the descriptor of the listing itself, closed already
+            pass
+    os.chdir(paths.root)
     # Findable first (NAME.sup), then a session of its own: until setsid it shares the process
     # group of whatever ran `start`, so if that group is killed mid-start (a deploy's switch cut
     # off) this supervisor dies with it instead of coming up later where nobody looks for it.
     write_atomic(paths.sup, f"{os.getpid()}\n")
     os.setsid()
     supervisor = Supervisor(paths, args.command, args)
-    # From here on everything the supervisor says goes to the rotating log.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
     try:
         supervisor.run()
     except BaseException:
+        import traceback
         supervisor.log.event("crashed: " + traceback.format_exc().replace("\n", " | "))
         supervisor.signal_all(signal.SIGKILL)
         raise
