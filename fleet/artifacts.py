@@ -2,7 +2,6 @@
 Resolving an artifact builds or hashes it; planning receives only the identity (desired.Project)."""
 
 import hashlib
-import importlib.metadata
 import io
 import os
 import platform
@@ -136,6 +135,8 @@ def envoy_for(machine, download=None):
     arch = machine.partition(" ")[2]
     if controller_machine() == machine:
         return _envoy_artifact()
+    import importlib.metadata  # only for another machine's binary (~20 ms to import)
+
     try:
         version = importlib.metadata.version(ENVOY_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:

@@ -17,7 +17,8 @@ from importlib import metadata
 import argcomplete
 
 from fleet import __version__ as source_version
-from fleet import artifacts, connection, desired, inventory, project, releases, report, rollout, runner, ui, validate
+from fleet import (artifacts, connection, desired, inventory, project, releases, report, rollout, runner, ui, validate,
+                   verify)
 from fleet.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHANGES_PENDING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -172,6 +173,8 @@ def cmd_deploy(args, console, fleet_box):
         validate.validate_envoy_configs(states, mask=inv.mask)
     compiled = time.perf_counter() - started
     # --check only reads: it takes no lock and changes nothing, so it never waits for a deploy.
+    if not args.check:
+        verify.preload_grpc()
     fleet = fleet_box.open(open_fleet(args, inv, lock=not args.check, check=args.check))
     document = {"command": "deploy", "service": args.service, "check": args.check, "hosts": [], "checks": []}
     ok, changed, stopped_after = True, False, None

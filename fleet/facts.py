@@ -70,6 +70,7 @@ class Report:
     addresses: list = field(default_factory=list)  # the host's own IP addresses
     systemd: bool = False  # the host runs systemd as PID 1
     switches: list = field(default_factory=list)  # (txid, what): earlier switches this run found and settled
+    releases: dict = field(default_factory=dict)  # service -> its current release id on the host
 
 
 def parse(text):
@@ -120,6 +121,9 @@ def parse(text):
             report.switches.append((rest, "was cut off mid-switch; rolled back to the previous version"))
         elif marker == P.UNFINISHED:
             report.switches.append((rest, "was cut off mid-switch; the next deploy rolls it back"))
+        elif marker == P.CURRENT:
+            service, _, release_id = rest.partition(" ")
+            report.releases[service] = release_id
     return report
 
 

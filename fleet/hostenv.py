@@ -8,7 +8,6 @@ wheel set its venv holds; only if that differs, a second step receives the missi
 
 import email.parser
 import hashlib
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -16,8 +15,6 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from fleet import connection
 from fleet.artifacts import file_sha256, fill_once, last_line as _last
@@ -144,6 +141,8 @@ def install_script(host, wheels, missing, wanted):
 
 def requirements():
     """The services' runtime dependencies, from the installed services package's metadata."""
+    import importlib.metadata  # only for venv hosts (~20 ms to import)
+
     try:
         required = importlib.metadata.requires(SERVICES_DISTRIBUTION) or []
     except importlib.metadata.PackageNotFoundError:
@@ -187,6 +186,9 @@ def _pip_download(platform, reqs, directory):
 
 def _left_out(directory, environment):
     """Requirements of the wheels in `directory` that hold on the host and have no wheel there."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     wheels = [f for f in os.listdir(directory) if f.endswith(".whl")]
     have = {canonicalize_name(f.split("-")[0]) for f in wheels}
     missing = []

@@ -655,6 +655,9 @@ def record_releases(fleet, states, services, outcomes, inventory, progress):
         here = [s for s in services if outcome.host in s.hosts()]
         if not here or not outcome.ok:
             return
+        if all(s.name not in changed and s.name in outcome.report.releases for s in here):
+            progress.step(outcome.host, "release", Status.OK, "unchanged")  # nothing to record or prune
+            return
         steps = []
         for service in here:
             doc, copies = releases.manifest(state, service.name, names, fleet.txid, when, who, inventory.path)
