@@ -27,28 +27,32 @@ def _with_markers(text):
 # if its environment carries FLEET_PROC=<root>/<name> (its supervisor's: FLEET_SUPERVISOR=...):
 # a recycled pid is never mistaken for it.
 _PRELUDE = Raw(_with_markers(r"""
-running() { alive "$(cat "$R/run/$1.pid" 2>/dev/null)" "$1"; }
-supervised() { alive "$(cat "$R/run/$1.sup" 2>/dev/null)" "$1" FLEET_SUPERVISOR; }
+# value FILE: its first line in $v, or empty; a builtin read, where $(cat FILE) costs two forks
+# (facts read a handful of these per process on every host, every run).
+value() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || :; }; }
+running() { value "$R/run/$1.pid"; alive "$v" "$1"; }
+supervised() { value "$R/run/$1.sup"; alive "$v" "$1" FLEET_SUPERVISOR; }
 # alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "${3:-FLEET_PROC}=$R/$2"; }
 # Gone, or a zombie not yet reaped by the shell that started it.
 gone() { ! kill -0 "$1" 2>/dev/null || [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)" = Z ]; }
 procstate() {
-  pid=$(cat "$R/run/$1.pid" 2>/dev/null); fp=$(cat "$R/run/$1.fp" 2>/dev/null)
+  value "$R/run/$1.pid"; pid=$v; value "$R/run/$1.fp"; fp=$v
   if alive "$pid" "$1"; then a=1; else a=0; fi
   echo "%PROC% $1 ${pid:--} $a ${fp:--}"
   # Its supervisor: alive or not, and the state line it keeps (state, restarts, last exit, ...).
   if supervised "$1"; then a=1; else a=0; fi
-  echo "%SUPERVISED% $1 $a $(head -n 1 "$R/run/$1.state" 2>/dev/null)"
+  value "$R/run/$1.state"; echo "%SUPERVISED% $1 $a $v"
 }
 # systemd as PID 1: there, units could keep fleet's processes (not installed yet: fleet's supervisor does).
 report_init() { if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "%INIT% systemd"; else echo "%INIT% other"; fi; }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
 report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
 report_addresses() {
-  if command -v ip >/dev/null 2>&1; then a=$(ip -o addr show 2>/dev/null | awk '{split($4, p, "/"); print p[1]}')
-  else a=$(hostname -I 2>/dev/null); fi
-  echo "%ADDRESSES% $(echo "$a" | tr '\n' ' ')"
+  printf '%s ' "%ADDRESSES%"
+  if command -v ip >/dev/null 2>&1; then ip -o addr show 2>/dev/null | awk '{split($4, p, "/"); printf "%s ", p[1]}'
+  else hostname -I 2>/dev/null | tr '\n' ' '; fi
+  echo
 }
 # Stops every named process of ours at once. SIGTERM goes to its supervisor, which passes it on,
 # gives the process the grace (run/NAME.stop), SIGKILLs it after that and exits without restarting
@@ -267,7 +271,7 @@ sys.stdout.write(body.decode(errors="replace"))
 def envoy_admin_get(python, socket_path, http_path, timeout):
     """GET http_path from an Envoy admin that listens on a Unix socket, with the host's Python,
     within `timeout` seconds; prints the body, or exits 1 with one line saying why."""
-    return script(line(python, "-c", _ADMIN_GET, socket_path, http_path, float(timeout)))
+    return script(line(python, "-S", "-c", _ADMIN_GET, socket_path, http_path, float(timeout)))
 
 
 def facts(state, recover=True):
@@ -586,7 +590,8 @@ def login(session_script, name, python, root, user, become_user=None, become_pas
     read into a shell variable and piped to sudo -S, never part of a command line or a file."""
     lacks = [
         line(Raw("if ! command -v"), python, Raw(">/dev/null 2>&1; then"), word(Raw('lacks="$lacks, "'), python)),
-        line(Raw("elif !"), python, Raw("-c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then"),
+        # -S: no site (a third of an interpreter's start); the standard library is all it needs.
+        line(Raw("elif !"), python, Raw("-S -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then"),
              word(Raw('lacks="$lacks, python 3.9 or newer ($('), python, Raw(' -V 2>&1))"')), Raw("; fi")),
         Raw('for t in flock setsid; do command -v "$t" >/dev/null 2>&1 || lacks="$lacks, $t"; done'),
         Raw('command -v netstat >/dev/null 2>&1 || command -v ss >/dev/null 2>&1 || lacks="$lacks, netstat or ss"'),
