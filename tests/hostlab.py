@@ -271,7 +271,7 @@ LogLevel VERBOSE
             "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup", "mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified",
             "mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd",
             "mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified",
-            f"exec env container=fleet-test SYSTEMD_UNIT_PATH={q(etc + ':' + units)} "
+            f"exec env container=fleet-test SYSTEMD_UNIT_PATH={q('/etc/systemd/system:' + units)} "
             f"SYSTEMD_GENERATOR_PATH={q(empty)} SYSTEMD_ENVIRONMENT_GENERATOR_PATH={q(empty)} "
             "/lib/systemd/systemd --system --log-target=kmsg --log-level=warning",
         ])

@@ -1,0 +1,125 @@
+"""Where a host runs systemd, fleet's backends run as systemd units: on real namespace hosts whose
+PID 1 is the machine's own systemd 252 (tests/hostlab.py, HostLab(systemd=True)), inference on
+h0 and h1 behind Envoy on h0, fleet logging in as root. The unit is installed and enabled; a
+backend killed with kill -9 is restarted by systemd with no fleet command, and `fleet status`
+shows it; a host that reboots starts it again; `fleet stop` stops and disables it; a deploy that
+changes nothing touches nothing. Envoy stays under fleet's supervisor (roles/envoy: systemd:
+false). See docs/operations.md, "systemd units"."""
+
+import json
+import os
+
+import pytest
+
+from fleet import systemd
+from tests.conftest import inference_inventory, run_fleet, write_inventory
+from tests.hostlab import HostLab
+from tests.test_supervision_hosts import BACK_WITHIN_SECONDS, run_file, status_json, wait_for
+
+BACKENDS = ("h0", "h1")
+UNIT = systemd.unit_name("/srv/fleet", "inference")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with HostLab(2, systemd=True) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def inventory(lab, tmp_path_factory):
+    return write_inventory(tmp_path_factory.mktemp("systemd"), inference_inventory(lab))
+
+
+@pytest.fixture(scope="module")
+def deployed(lab, inventory):
+    result = run_fleet("deploy", "inference", "-i", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return inventory
+
+
+def main_pid(lab, host):
+    return int(lab.systemctl(host, "show", "-P", "MainPID", UNIT)[1].strip() or 0)
+
+
+def serving(lab, host, old=None):
+    """The backend's pid (of the host's PID namespace) once a new one named by its pid file is
+    systemd's main pid, carries FLEET_PROC and listens on 7073; else None."""
+    def check():
+        text = run_file(lab, host, "inference", "pid")
+        pid = int(text) if text and text.isdigit() else None
+        if pid in (None, old) or pid != main_pid(lab, host):
+            return None
+        environ = lab.exec(host, "cat", f"/proc/{pid}/environ", check=False)
+        listening = lab.exec(host, "ss", "-Htlnp", "sport", "= :7073", check=False)
+        if "FLEET_PROC=/srv/fleet/inference" not in environ.split("\0") or f"pid={pid}," not in listening:
+            return None
+        return pid
+    return check
+
+
+def test_backends_run_as_enabled_units_and_envoy_under_the_supervisor(lab, deployed):
+    for host in BACKENDS:
+        assert lab.systemctl(host, "is-enabled", UNIT) == (0, "enabled\n"), host
+        assert lab.systemctl(host, "is-active", UNIT) == (0, "active\n"), host
+        assert serving(lab, host)(), host  # the pid file names the main pid, which is fleet's
+        with open(os.path.join(lab.host(host).srv, "fleet", "units", "inference.service")) as f:
+            assert lab.exec(host, "cat", f"/etc/systemd/system/{UNIT}") == f.read()
+    assert run_file(lab, "h0", "envoy-inference", "sup")  # Envoy: fleet's supervisor
+    code, out = lab.systemctl("h0", "list-units", "--all", "--plain", "--no-legend", "fleet-*")
+    assert [line.split()[0] for line in out.splitlines()] == [UNIT]
+    result, processes = status_json(deployed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(processes[(h, "inference")]["state"] == "running" for h in BACKENDS)
+    assert {k: p["keeper"] for k, p in processes.items()} == {
+        ("h0", "inference"): "systemd", ("h1", "inference"): "systemd", ("h0", "envoy-inference"): "fleet"}
+    result = run_fleet("status", "inference", "-i", deployed)
+    assert "h0 runs systemd; units keep inference, fleet's supervisor the rest" in " ".join(result.stdout.split())
+
+
+def test_a_deploy_that_changes_nothing_touches_nothing(lab, deployed):
+    pids = {h: main_pid(lab, h) for h in BACKENDS}
+    result = run_fleet("deploy", "inference", "--json", "-i", deployed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    assert document["changed"] is False
+    assert all(h["changes"] == {"send": [], "restarts": [], "diffs": []} for h in document["hosts"])
+    assert {h: main_pid(lab, h) for h in BACKENDS} == pids
+
+
+def test_kill_9_is_restarted_by_systemd_and_status_shows_it(lab, deployed):
+    old = serving(lab, "h1")()
+    lab.exec("h1", "kill", "-9", str(old))
+    pid, took = wait_for(serving(lab, "h1", old), BACK_WITHIN_SECONDS, "inference back on h1 under systemd")
+    print(f"kill -9 -> serving again in {took:.2f}s")
+    assert lab.systemctl("h1", "show", "-P", "NRestarts", UNIT)[1].strip() == "1"
+    result, processes = status_json(deployed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shown = processes[("h1", "inference")]
+    assert (shown["state"], shown["pid"], shown["restarts"], shown["last_exit"]) == ("running", pid, 1, "SIGKILL")
+    assert shown["supervised"] is True
+
+
+def test_a_rebooted_host_starts_its_units_again(lab, deployed):
+    lab.reboot("h1")
+    _, took = wait_for(serving(lab, "h1"), BACK_WITHIN_SECONDS, "inference back on h1 after a reboot")
+    print(f"reboot -> serving again in {took:.2f}s")
+    result, processes = status_json(deployed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert processes[("h1", "inference")]["state"] == "running"
+
+
+def test_fleet_stop_stops_and_disables_the_unit_and_deploy_brings_it_back(lab, deployed):
+    result = run_fleet("stop", "inference", "-i", deployed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for host in BACKENDS:
+        assert lab.systemctl(host, "is-active", UNIT)[1].strip() == "inactive", host
+        assert lab.systemctl(host, "is-enabled", UNIT)[1].strip() == "disabled", host
+        assert run_file(lab, host, "inference", "pid") is None, host
+    _, processes = status_json(deployed)
+    assert processes[("h1", "inference")]["state"] == "stopped"
+    result = run_fleet("deploy", "inference", "-i", deployed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for host in BACKENDS:
+        assert lab.systemctl(host, "is-enabled", UNIT) == (0, "enabled\n"), host
+        assert serving(lab, host)(), host
