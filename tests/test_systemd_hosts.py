@@ -1,15 +1,18 @@
 """Where a host runs systemd, fleet's backends run as systemd units: on real namespace hosts whose
 PID 1 is the machine's own systemd 252 (tests/hostlab.py, HostLab(systemd=True)), inference on
-h0 and h1 behind Envoy on h0, fleet logging in as root. The unit is installed and enabled; a
+h0 and h1 behind Envoy on h0, fleet logging in as a /bin/sh user with `become: true` (sudo to
+root). The unit is installed and enabled; a
 backend killed with kill -9 is restarted by systemd with no fleet command, and `fleet status`
 shows it; a host that reboots starts it again; `fleet stop` stops and disables it; a deploy that
 changes nothing touches nothing. Envoy stays under fleet's supervisor (roles/envoy: systemd:
-false). See docs/operations.md, "systemd units"."""
+false). The same login without become cannot install units: its processes run under fleet's
+supervisor. See docs/operations.md, "systemd units"."""
 
 import json
 import os
 
 import pytest
+import yaml
 
 from fleet import systemd
 from tests.conftest import inference_inventory, run_fleet, write_inventory
@@ -22,13 +25,16 @@ UNIT = systemd.unit_name("/srv/fleet", "inference")
 
 @pytest.fixture(scope="module")
 def lab():
-    with HostLab(2, systemd=True) as lab:
+    with HostLab(2, systemd=True, plain_user=True, sudo=True) as lab:
         yield lab
 
 
 @pytest.fixture(scope="module")
 def inventory(lab, tmp_path_factory):
-    return write_inventory(tmp_path_factory.mktemp("systemd"), inference_inventory(lab))
+    data = inference_inventory(lab)
+    for host in data["hosts"].values():
+        host["become"] = True
+    return write_inventory(tmp_path_factory.mktemp("systemd"), data)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +129,45 @@ def test_fleet_stop_stops_and_disables_the_unit_and_deploy_brings_it_back(lab, d
     for host in BACKENDS:
         assert lab.systemctl(host, "is-enabled", UNIT) == (0, "enabled\n"), host
         assert serving(lab, host)(), host
+
+
+def test_a_login_that_is_not_root_falls_back_to_fleets_supervisor(lab, deployed, tmp_path):
+    """Units need root: the lab's user without become gets its processes kept by fleet's
+    supervisor, on the same systemd hosts (its own root and ports beside the units above)."""
+    data = inference_inventory(lab, port=7074, ingress={"host": "h0", "port": 8084})
+    for host in data["hosts"].values():
+        host["root"] = "/srv/fleet/plain"
+    path = write_inventory(tmp_path, data)
+    result = run_fleet("deploy", "inference", "-i", path)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        _, processes = status_json(path)
+        assert {(k, p["state"], p["keeper"]) for k, p in processes.items()} == {
+            (("h0", "inference"), "running", "fleet"), (("h1", "inference"), "running", "fleet"),
+            (("h0", "envoy-inference"), "running", "fleet")}
+        plain_unit = systemd.unit_name("/srv/fleet/plain", "inference")
+        for host in BACKENDS:
+            assert lab.systemctl(host, "is-enabled", plain_unit)[1].strip() != "enabled", host
+            assert os.path.exists(os.path.join(lab.host(host).srv, "fleet", "plain", "run", "inference.sup"))
+    finally:
+        assert run_fleet("stop", "inference", "-i", path).returncode == 0
+
+
+def test_a_version_that_does_not_start_gets_the_previous_unit_back(lab, deployed, tmp_path):
+    """A broken artifact under systemd: the first batch fails, its previous unit file (with the
+    previous command) is installed again and runs; the rollout stops there."""
+    units = {h: lab.exec(h, "cat", f"/etc/systemd/system/{UNIT}") for h in BACKENDS}
+    broken = tmp_path / "broken.pyz"
+    broken.write_bytes(b"this is not a zip archive")
+    data = yaml.safe_load(open(deployed))
+    data["services"]["inference"]["vars"] = {"artifact": str(broken)}
+    result = run_fleet("deploy", "inference", "-i", write_inventory(tmp_path, data))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "SyntaxError: invalid syntax" in result.stdout  # the log tail: the unit's output
+    assert "previous version restored and running" in result.stdout
+    for host in BACKENDS:
+        assert lab.exec(host, "cat", f"/etc/systemd/system/{UNIT}") == units[host], host
+        assert lab.systemctl(host, "is-enabled", UNIT) == (0, "enabled\n"), host
+        assert serving(lab, host)(), host
+    again = run_fleet("deploy", "inference", "-i", deployed)
+    assert again.returncode == 0 and "no changes" in again.stdout, again.stdout
