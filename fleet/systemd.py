@@ -2,12 +2,16 @@
 
 A unit does what fleet's supervisor (fleet/supervisor.py) does elsewhere, with the same files
 where they overlap: cwd ROOT, FLEET_PROC=ROOT/NAME in the environment (fleet's "is this pid ours"
-marker), output appended to ROOT/log/NAME.log, SIGTERM then SIGKILL after the grace period, a
+marker), ROOT/run/NAME.pid naming the running process, output appended to ROOT/log/NAME.log,
+SIGTERM then SIGKILL after the grace period, a
 restart after any exit that a stop did not ask for (Restart=always, as the supervisor: a server
 that exits 0 on its own is as gone as one that crashed), and enabled at boot
 (WantedBy=multi-user.target). Differences: systemd 252 (Debian 12) has no growing restart delay
 (RestartSteps= needs 254), so a crashing unit restarts every RestartSec= without giving up
 (StartLimitIntervalSec=0, like the supervisor's cap); and append: does not rotate the log.
+desired.py renders each process's unit to ROOT/units/NAME.service; the host scripts
+(commands.py: start_proc, stop_procs, procstate) install, stop and read it where the host runs
+systemd and the session is root (docs/operations.md, "systemd units").
 
 Every value goes through a quoting function for the syntax of its setting; a value that cannot
 be written safely (a newline, a control character, a relative path) raises UnitError.
