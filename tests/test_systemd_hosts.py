@@ -123,7 +123,9 @@ def test_fleet_stop_stops_and_disables_the_unit_and_deploy_brings_it_back(lab, d
         assert lab.systemctl(host, "is-enabled", UNIT)[1].strip() == "disabled", host
         assert run_file(lab, host, "inference", "pid") is None, host
     _, processes = status_json(deployed)
-    assert processes[("h1", "inference")]["state"] == "stopped"
+    # A graceful stop: the service exits 0 on SIGTERM, which the unit's ExecStopPost= recorded.
+    assert (processes[("h1", "inference")]["state"], processes[("h1", "inference")]["last_exit"]) == (
+        "stopped", "exit:0")
     result = run_fleet("deploy", "inference", "-i", deployed)
     assert result.returncode == 0, result.stdout + result.stderr
     for host in BACKENDS:
