@@ -10,6 +10,7 @@ supervisor. See docs/operations.md, "systemd units"."""
 
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -17,6 +18,7 @@ import yaml
 from fleet import systemd
 from tests.conftest import inference_inventory, run_fleet, write_inventory
 from tests.hostlab import HostLab
+from tests.load import Load
 from tests.test_supervision_hosts import BACK_WITHIN_SECONDS, run_file, status_json, wait_for
 
 BACKENDS = ("h0", "h1")
@@ -173,3 +175,33 @@ def test_a_version_that_does_not_start_gets_the_previous_unit_back(lab, deployed
         assert serving(lab, host)(), host
     again = run_fleet("deploy", "inference", "-i", deployed)
     assert again.returncode == 0 and "no changes" in again.stdout, again.stdout
+
+
+def test_rolling_and_surge_changes_under_load_lose_nothing_with_units(lab, deployed, tmp_path):
+    """Restarts through systemctl drain like the supervisor's: a change of both backends rolls
+    one at a time under a load of 4 channels through Envoy, then a single backend (h1, after
+    h0 is scaled in: its unit stopped and disabled) changes behind a surge instance, which runs
+    as a unit of its own while it serves and is stopped and disabled afterwards."""
+    def change(name, backends, parallelism):
+        data = yaml.safe_load(open(deployed))
+        data["services"]["inference"].update(backends=list(backends), rollout={"batch": 1},
+                                             vars={"modelParallelism": parallelism})
+        with Load(f"{lab.host('h0').address}:8083") as load:
+            result = run_fleet("deploy", "inference", "-i", write_inventory(tmp_path, data, name))
+        print(f"\n{name}: {load}")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert load.sent > 50 and load.failed == 0, load
+        return result
+
+    before = {h: main_pid(lab, h) for h in BACKENDS}
+    change("rolling.yaml", BACKENDS, 3)
+    assert all(main_pid(lab, h) not in (0, before[h]) for h in BACKENDS)
+    change("one.yaml", ["h1"], 3)
+    assert lab.systemctl("h0", "is-enabled", UNIT)[1].strip() == "disabled"
+    before = main_pid(lab, "h1")
+    result = change("surge.yaml", ["h1"], 2)
+    assert re.search(r"h1 +inference surge +ok +inference-surge stopped", result.stdout), result.stdout
+    assert main_pid(lab, "h1") not in (0, before)
+    surge = systemd.unit_name("/srv/fleet", "inference-surge")
+    assert [lab.systemctl("h1", verb, surge)[1].strip() for verb in ("is-active", "is-enabled")] == [
+        "inactive", "disabled"]
