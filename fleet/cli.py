@@ -146,6 +146,15 @@ def host_states(proj, inv, services, limit):
             if name in limit}
 
 
+def restater(proj, inv, services):
+    """Compiles one host's state again for the machine its session reported (runner.for_machine):
+    its Envoy binary is the one for that machine."""
+    def restate(state, machine):
+        name = state.host.name
+        return desired.compile_services(inv, services, proj, {name: machine}, only=name)[name]
+    return restate
+
+
 def open_fleet(args, inv, lock=True, check=False):
     if args.ask_become_pass:
         connection.use_become_password(getpass.getpass("sudo password for become hosts: "))
@@ -170,12 +179,24 @@ def cmd_deploy(args, console, fleet_box):
         hosts = {name: state.host for _, states in waves for name, state in states.items()}
         if not lock_every_host(fleet, hosts.values(), console):
             return EXIT_FAILED
+        problems = {}
+        for number, (wave, states) in enumerate(waves):
+            states, found = runner.machine_states(fleet, states, restater(proj, inv, wave))
+            waves[number] = (wave, states)
+            problems.update(found)
+        if problems:
+            for name, why in sorted(problems.items()):
+                console.print(f"{name}: {why}", markup=False)
+            ui.error(f"nothing was changed on any host: {len(problems)} of {len(hosts)} host(s) have no "
+                     "artifact for their machine")
+            return EXIT_FAILED
 
     for number, (wave, states) in enumerate(waves, 1):
         if len(waves) > 1:
             console.print(f"[bold]wave {number}/{len(waves)}[/]: {', '.join(s.name for s in wave)}")
         outcomes, checks = runner.deploy(fleet, states, wave, inv, console,
-                                         surge_state=lambda service, port: desired.surge_state(inv, service, proj, port))
+                                         surge_state=lambda service, port: desired.surge_state(inv, service, proj, port),
+                                         restate=restater(proj, inv, wave))
         names = [s.name for s in wave]
         document["hosts"] += [report.host_outcome(o, number, names) for o in outcomes]
         document["checks"] += [report.check(*c, wave=number) for c in checks]
@@ -225,7 +246,8 @@ def cmd_status(args, console, fleet_box):
     fleet = fleet_box.open(open_fleet(args, inv, lock=False))
     # A service whose Envoy runs on a host left out by --limit is not checked, and not unhealthy.
     checked = [s for s in services if s.ingress.host in limit]
-    statuses, views = runner.status(fleet, host_states(proj, inv, services, limit), checked)
+    statuses, views = runner.status(fleet, host_states(proj, inv, services, limit), checked,
+                                    restate=restater(proj, inv, services))
     left_out = {s.name: f"not checked: ingress host {s.ingress.host} left out by --limit"
                 for s in services if s not in checked}
     ui.status_report(console, statuses, views, left_out)
@@ -309,7 +331,7 @@ def cmd_rollback(args, console, fleet_box):
     return code
 
 
-def _unresolved_artifact(src, base_dir):
+def _unresolved_artifact(src, base_dir, machine=None):
     """Commands that only need process names (logs) plan without building or hashing artifacts."""
     return artifacts.Artifact(path=src, sha256="0" * 64, name=os.path.basename(src))
 

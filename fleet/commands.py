@@ -91,7 +91,7 @@ stop_procs() {
       else alive "$pid" "$name" || pid=; fi
       [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && pids="$pids $pid"
     fi
-    rm -f "$R/run/$name.pid" "$R/run/$name.fp"
+    rm -f "$R/run/$name.pid" "$R/run/$name.fp" "$R/run/$name.hot" "$R/run/$name.started"
   done
   # shellcheck disable=SC2086
   [ -z "$units" ] || timeout $((GRACE + 15)) systemctl disable --now --quiet $units 2>/dev/null
@@ -101,23 +101,49 @@ stop_procs() {
     gone "$pid" || kill -KILL "$pid" 2>/dev/null
   done
 }
-start_proc() {
+# A start of process $1 (fingerprint $2) in its log ($3: start, hot restart), and where its output begins:
+# a failed start shows only what this start printed.
+mark_start() {
   mkdir -p "$R/run" "$R/log"
   log="$R/log/$1.log"
   [ -f "$log" ] || : > "$log"
   chmod 640 "$log"
-  # Where this run's output starts: a failed start shows only what this start printed.
   wc -c < "$log" | tr -d ' ' > "$R/run/$1.logpos"
-  echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet start $2" >> "$log"
+  echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet $3 $2" >> "$log"
+}
+remember() { echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"; echo "${4:-0}" > "$R/run/$1.hot"; }
+# run/NAME.started: the pid this start began (from the supervisor's state line; empty if none), the
+# one wait_listen waits for: a new Envoy epoch that dies hands NAME.pid back to the old epoch,
+# which must not pass for the new version.
+started() { printf '%s\n' "$2" | sed -n 's/.* spawned=\([0-9][0-9]*\).*/\1/p' > "$R/run/$1.started"; }
+# start_proc NAME FINGERPRINT COMMAND [HOT]: as its systemd unit where it has one and systemd can
+# take it (by_unit, start_unit below); else under fleet's supervisor ($SUP, run by the host's $PY):
+# in a session of its own, with cwd $R and FLEET_PROC=$R/NAME, restarted whenever it exits; it
+# returns once run/NAME.pid names the process. HOT=1: with Envoy's hot restart (see restart_proc).
+# 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
+start_proc() {
+  mark_start "$1" "$2" start
   if by_unit "$1"; then
-    start_unit "$1" "$log"
+    start_unit "$1" "$log"; cat "$R/run/$1.pid" > "$R/run/$1.started" 2>/dev/null
   else
-    # Under fleet's supervisor ($SUP, run by the host's $PY): in a session of its own, with cwd $R and
-    # FLEET_PROC=$R/$1, restarted whenever it exits; it returns once run/$1.pid names the process.
-    # 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
-    "$PY" "$SUP" start "$R" "$1" --grace "$GRACE" -- sh -c "exec $3" > /dev/null 2>> "$log" < /dev/null 9>&-
+    hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
+    state=$("$PY" "$SUP" start "$R" "$1" --grace "$GRACE" ${hot:+"$hot"} -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-)
+    started "$1" "$state"
   fi
-  echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"
+  remember "$@"
+}
+# restart_proc NAME FINGERPRINT COMMAND [HOT]: the new version in place of the running one. HOT=1
+# (Envoy) under a supervisor started that way: its next epoch starts beside the running one, takes
+# over its listening sockets and lets it drain, so no connection is refused. Otherwise, or if the
+# supervisor cannot, stop, then start.
+restart_proc() {
+  if [ "${4:-0}" = 1 ] && supervised "$1"; then
+    mark_start "$1" "$2" "hot restart"
+    if state=$("$PY" "$SUP" reload "$R" "$1" -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-); then
+      started "$1" "$state"; remember "$@"; return 0
+    fi
+  fi
+  stop_procs "$1"; start_proc "$@"
 }
 # Installs the unit of process $1 (a copy: it must not depend on $R being there early at boot),
 # enables and (re)starts it without waiting on systemd's job; returns once run/$1.pid (its
@@ -148,7 +174,7 @@ listening() {
   return 1
 }
 wait_listen() {
-  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.pid" 2>/dev/null); waited=0; step=1
+  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.started" 2>/dev/null); waited=0; step=1
   hexports=; for port in "$@"; do hexports="$hexports $(printf '%04X' "$port")"; done
   while :; do
     if gone "$pid"; then echo "%FAIL% $name exited before listening"; return 1; fi
@@ -174,12 +200,17 @@ receive() {
 place() {
   mkdir -p "$(dirname "$2")" && chmod "$3" "$S/$1" && { [ ! -f "$2" ] || cp -p "$2" "$J/previous/$1"; } && mv -f "$S/$1" "$2"
 }
-save_previous() { if running "$1"; then cp "$R/run/$1.cmd" "$J/previous/$1.cmd" && cp "$R/run/$1.fp" "$J/previous/$1.fp"; fi; }
+save_previous() {
+  if running "$1"; then
+    cp "$R/run/$1.cmd" "$J/previous/$1.cmd" && cp "$R/run/$1.fp" "$J/previous/$1.fp" &&
+      { [ ! -f "$R/run/$1.hot" ] || cp "$R/run/$1.hot" "$J/previous/$1.hot"; }
+  fi
+}
 restore() { [ ! -f "$J/previous/$1" ] || mv -f "$J/previous/$1" "$2"; }
 # Starts the previous version of process $1 again (its files were restored), if there was one.
 start_previous() {
   [ -f "$J/previous/$1.cmd" ] || return 1
-  stop_procs "$1"; start_proc "$1" "$(cat "$J/previous/$1.fp")" "$(cat "$J/previous/$1.cmd")"
+  restart_proc "$1" "$(cat "$J/previous/$1.fp")" "$(cat "$J/previous/$1.cmd")" "$(cat "$J/previous/$1.hot" 2>/dev/null)"
 }
 # A switch (apply) that ended, or was cut off, while no controller was listening: report it,
 # and with `act` (this session holds the lock) roll an interrupted one back.
@@ -238,6 +269,7 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
             Raw('chmod 600 "$R/.lock.holder"'),
         ]
     lines += [
+        Raw(f'echo "{P.MACHINE} $(uname -s) $(uname -m)"'),
         Raw(f'echo "{P.READY}"'),
         Raw("while :; do"),
         Raw("  script=; complete="),
@@ -390,8 +422,8 @@ def _switch(plan, txid):
                              Raw("echo"), f"{P.FAIL} {task} cannot write {spec.path}", Raw("; restore_all; return 3; }")))
         body.append(line(Raw("echo"), f"{P.STEP} {task} {P.Status.CHANGED}"))
     for proc in plan.restarts:
-        body.append(line(Raw("save_previous"), proc.name, Raw("; stop_procs"), proc.name, Raw("; start_proc"),
-                         proc.name, proc.fingerprint, proc.command))
+        body.append(line(Raw("save_previous"), proc.name, Raw("; restart_proc"), proc.name, proc.fingerprint,
+                         proc.command, int(proc.hot_restart)))
     for proc in plan.restarts:
         wait = line(Raw("wait_listen"), proc.name, proc.start_timeout, *proc.ports)
         restores = [line(Raw("restore"), members[p], p) for p in proc.files if p in members] or [Raw(":")]

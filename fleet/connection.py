@@ -72,6 +72,7 @@ class ScriptSession:
         self._pending, self._ended = b"", False
         self.closed = False
         self.failure = None  # why the session can no longer be used, once a deadline passed
+        self.machine = None  # "Linux x86_64": the host's `uname -s` `uname -m`, as its session started
 
     def start(self, timeout):
         """Waits for the session to hold the lock; raises ConnectFailed naming the holder if not."""
@@ -80,6 +81,9 @@ class ScriptSession:
         while (line := self._line(deadline, timeout, "start of the session")) is not None:
             if line == protocol.READY:
                 return
+            if line.startswith(protocol.MACHINE + " "):
+                self.machine = line[len(protocol.MACHINE) + 1:].strip()
+                continue
             seen.append(line)
             if line.startswith(protocol.LOCKED + " "):
                 raise Locked(f"locked by another deploy: {line[len(protocol.LOCKED) + 1:] or 'holder unknown'} "

@@ -43,6 +43,7 @@ class ProcessSpec:
     ports: tuple
     start_timeout: int
     files: tuple = ()  # paths whose change restarts it (restored if the new version fails)
+    hot_restart: bool = False  # Envoy: restarted as its next epoch beside the running one
 
 
 @dataclass
@@ -53,6 +54,9 @@ class HostState:
     tasks: list = field(default_factory=list)  # task labels in apply order
     envoy_validations: list = field(default_factory=list)  # (label, static bootstrap text)
     supervisor: str | None = None  # where the supervisor lies on the host, if any process runs there
+    # The machine ("Linux x86_64") its machine-specific artifacts (artifacts.MACHINE_SPECIFIC) were
+    # resolved for: the host's, once its session reported it, else the controller's; None if it has none.
+    machine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,18 @@ class Project:
     roles: dict
     playbook: tuple
     renderer: object  # render.Renderer
-    # (src, base_dir) -> artifacts.Artifact: called at the edge (it builds and hashes); planning
-    # takes only the identity it returns.
+    # (src, base_dir, machine=None) -> artifacts.Artifact: called at the edge (it builds, hashes or
+    # fetches); planning takes only the identity it returns. machine: the host's, for
+    # artifacts.MACHINE_SPECIFIC sources (None: not known yet, the controller's own build).
     resolve_artifact: object
 
 
-def compile_services(inventory, services, project):
-    """HostState per host name for the named services, in playbook order on each host."""
+def compile_services(inventory, services, project, machines=None, only=None):
+    """HostState per host name for the named services, in playbook order on each host.
+    machines: {host name: machine} its sessions reported (the others get the controller's own
+    builds); only: compile this host alone."""
     states = {}
+    machines = machines or {}
     base_dir = os.path.dirname(os.path.abspath(inventory.path))
     for service in services:
         for play in project.playbook:
@@ -78,11 +86,14 @@ def compile_services(inventory, services, project):
                 raise UsageError(f"no role {role_name!r}", path="playbooks/deploy.yaml", key="role")
             targets = [b.host for b in service.backends] if play.hosts == "backends" else [service.ingress.host]
             for host_name in targets:
+                if only is not None and host_name != only:
+                    continue
                 host = inventory.hosts[host_name]
                 state = states.setdefault(host_name, HostState(host=host))
                 play_vars = service.vars if play.hosts == "backends" else service.ingress.vars
                 context = role_context(inventory, service, role, host, play_vars)
-                _apply_role(state, role, service, context, project, base_dir, inventory.secrets)
+                _apply_role(state, role, service, context, project, base_dir, inventory.secrets,
+                            machines.get(host_name))
     for state in states.values():
         if state.processes:
             add_supervisor(state)
@@ -144,7 +155,7 @@ def role_context(inventory, service, role, host, play_vars):
     return context
 
 
-def _apply_role(state, role, service, context, project, base_dir, secrets):
+def _apply_role(state, role, service, context, project, base_dir, secrets, machine=None):
     renderer = project.renderer
     where = f"roles/{role.name}/tasks.yaml"
     task_files = {}  # task name -> files a process restart depends on
@@ -152,7 +163,9 @@ def _apply_role(state, role, service, context, project, base_dir, secrets):
         label = f"{service.name}.{role.name}.{task.name}"
         args = renderer.value(task.args, context, where)
         if task.module == "upload":
-            artifact = project.resolve_artifact(args["src"], base_dir)
+            artifact = project.resolve_artifact(args["src"], base_dir, machine=machine)
+            if args["src"] in artifacts.MACHINE_SPECIFIC:
+                state.machine = machine or artifacts.controller_machine()
             path = _under_root(state.host.root, posixpath.join("artifacts", artifact.sha256[:16], artifact.name),
                                where, task.name)
             spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),
@@ -212,22 +225,19 @@ def _process(state, label, task, args, task_files, where):
         timeout = int(args.get("start_timeout", 20))
     except ValueError as e:
         raise UsageError(f"ports and start_timeout must be numbers: {e}", path=where, key=task.name) from None
+    hot_restart = args.get("hot_restart", False)
+    if not isinstance(hot_restart, bool):
+        raise UsageError(f"hot_restart must be true or false, not {hot_restart!r}", path=where, key=task.name)
     files = tuple(f.path for f in dependencies)
-    if _flag(args.get("systemd", True), where, f"{task.name}.systemd"):
-        unit = _unit_file(state.host.root, label, args["name"], args["command"])
-        if unit is not None:
-            _add_files(state, [unit])
-            files += (unit.path,)
+    # Where the host runs systemd, a unit keeps it; not a process with hot restarts, whose next
+    # epoch is its supervisor's job (a unit would take the old epoch's exit for a crash).
+    unit = None if hot_restart else _unit_file(state.host.root, label, args["name"], args["command"])
+    if unit is not None:
+        _add_files(state, [unit])
+        files += (unit.path,)
     state.processes.append(ProcessSpec(name=args["name"], task=label, command=args["command"],
-                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout, files=files))
-
-
-def _flag(value, where, key):
-    if isinstance(value, bool):
-        return value
-    if str(value).strip().lower() in ("true", "false"):
-        return str(value).strip().lower() == "true"
-    raise UsageError(f"expected true or false, got {value!r}", path=where, key=key)
+                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout, files=files,
+                                       hot_restart=hot_restart))
 
 
 def _unit_file(root, label, name, command):

@@ -10,11 +10,9 @@ import email.parser
 import hashlib
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import zipfile
 from dataclasses import dataclass
 
@@ -22,7 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from fleet import connection
-from fleet.artifacts import file_sha256
+from fleet.artifacts import file_sha256, fill_once, last_line as _last
 from fleet.protocol import PLATFORM, VENV, WHEELS
 from fleet.shell import Raw, line, script
 
@@ -46,8 +44,6 @@ for entry in os.listdir(site):
                 shutil.move(os.path.join(part, item), site)
         shutil.rmtree(os.path.join(site, entry))
 """
-_fetching = {}  # wheel cache directory -> lock: one pip download per platform, whatever the hosts
-_fetching_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -166,11 +162,7 @@ def wheelhouse(platform, download=None):
     reqs = requirements()
     key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
     directory = os.path.join(cache_dir(), f"{platform.tag}-{platform.python}-{key}")
-    with _fetching_lock:
-        lock = _fetching.setdefault(directory, threading.Lock())
-    with lock:
-        if not os.path.exists(os.path.join(directory, ".complete")):
-            (download or _pip_download)(platform, reqs, directory)
+    fill_once(directory, lambda d: (download or _pip_download)(platform, reqs, d))
     paths = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".whl")]
     return [Wheel(source=p, name=f"{file_sha256(p)[:16]}-{os.path.basename(p)}") for p in paths]
 
@@ -207,8 +199,3 @@ def _left_out(directory, environment):
             if (req.marker is None or req.marker.evaluate(environment)) and canonicalize_name(req.name) not in have:
                 missing.append(f"{req.name}{req.specifier}")
     return sorted(set(missing))
-
-
-def _last(text):
-    lines = [l for l in text.splitlines() if l.strip() and not re.match(r"\s*(WARNING|@@)", l)]
-    return lines[-1].strip() if lines else "no output"

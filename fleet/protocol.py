@@ -16,6 +16,9 @@ LOCKED = "@@locked"  # `@@locked HOLDER`: another run holds the lock; the sessio
 WAITING = "@@waiting"  # `@@waiting HOLDER`: --wait-lock, waiting for the holder
 BREAKING = "@@breaking"  # `@@breaking HOLDER`: --break-lock, ending the holder's session
 LOCKED_EXIT = 75
+# `@@machine SYSTEM MACHINE`: the host's `uname -s` and `uname -m`, before READY (the Envoy binary
+# and other machine-specific artifacts are chosen by it, runner.for_machine)
+MACHINE = "@@machine"
 
 # Reports inside a step's output.
 FILE = "@@file"  # `@@file present|absent PATH`

@@ -95,7 +95,8 @@ def manifest(state, service, service_names, release_id, when, who, inventory_pat
         "files": [{"task": f.task, "path": f.path, "sha256": f.sha256, "mode": f.mode, "secret": f.secret,
                    "copy": f"files/{i}"} for i, f in enumerate(rendered)],
         "processes": [{"name": p.name, "task": p.task, "command": p.command, "fingerprint": p.fingerprint,
-                       "ports": list(p.ports), "start_timeout": p.start_timeout, "files": list(p.files)}
+                       "ports": list(p.ports), "start_timeout": p.start_timeout, "files": list(p.files),
+                       "hot_restart": p.hot_restart}
                       for p in processes],
     }
     return doc, [(f.path, f"files/{i}") for i, f in enumerate(rendered)]
@@ -170,7 +171,7 @@ def host_state(host, doc, copies):
         state.processes.append(desired.ProcessSpec(
             name=item["name"], task=item["task"], command=item["command"], fingerprint=item["fingerprint"],
             ports=tuple(int(p) for p in item["ports"]), start_timeout=item["start_timeout"],
-            files=tuple(item["files"])))
+            files=tuple(item["files"]), hot_restart=item.get("hot_restart") is True))
     if state.processes:
         desired.add_supervisor(state)  # what the release's processes start under (not part of a release)
     return state

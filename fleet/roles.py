@@ -10,7 +10,7 @@ MODULES = {
     "upload": {"required": {"src"}, "optional": {"mode"}},
     "template": {"required": {"src", "dest"}, "optional": set()},
     "envoy_config": {"required": {"bootstrap", "resources", "dir"}, "optional": set()},
-    "process": {"required": {"name", "command"}, "optional": {"restart_on", "ports", "start_timeout", "systemd"}},
+    "process": {"required": {"name", "command"}, "optional": {"restart_on", "ports", "start_timeout", "hot_restart"}},
 }
 
 

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fleet import commands, connection, desired, facts, hostenv, plan, protocol, releases, rollout, ui, verify
+from fleet import artifacts, commands, connection, desired, facts, hostenv, plan, protocol, releases, rollout, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
@@ -40,6 +40,7 @@ class HostOutcome:
     rolled_back: list = field(default_factory=list)  # processes put back to their previous version
     error: str | None = None
     plan: object = None
+    state: object = None  # the desired.HostState planned, built for the host's machine
     report: object = None  # the host's latest facts.Report
     shell: object = None  # its connection.ScriptSession
     timings: dict = field(default_factory=dict)  # phase -> seconds (connect, facts, apply)
@@ -158,20 +159,22 @@ def parallel(items, fn):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def deploy(fleet, states, services, inventory, console, surge_state=None):
+def deploy(fleet, states, services, inventory, console, surge_state=None, restate=None):
     """Deploys one wave to every host in `states`; returns (outcomes, end-to-end checks).
 
     Every host's facts and plan first; then, in parallel, every change except restarts of
     backends that serve behind a running Envoy; then those, batch by batch, each batch drained
     from Envoy first and back in rotation before the next (fleet/rollout.py). A service with a
-    single backend surges instead: surge_state(service, port) is its twin's desired state."""
+    single backend surges instead: surge_state(service, port) is its twin's desired state.
+    restate(state, machine): the state compiled again for a host's machine (for_machine)."""
     listen = {}  # host name -> addresses its Envoys listen on
     for s in services:
         listen.setdefault(s.ingress.host, set()).add(s.ingress.listen_address)
     with ui.Progress(console, list(states)) as progress:
         outcomes = {o.host: o for o in parallel(
             list(states.values()), lambda state: _prepare_host(fleet, state, listen.get(state.host.name, ()),
-                                                               progress))}
+                                                               progress, restate))}
+        states = dict(states, **{o.host: o.state for o in outcomes.values() if o.state is not None})
         if fleet.options.check:
             return list(outcomes.values()), []
         removed = [(s, _removed_backends(s, states, outcomes, inventory)) for s in services]
@@ -199,7 +202,30 @@ def deploy(fleet, states, services, inventory, console, surge_state=None):
     return list(outcomes.values()), checks
 
 
-def _prepare_host(fleet, state, listen_addresses, progress):
+def for_machine(state, shell, restate):
+    """The host's state with its machine-specific artifacts (the Envoy binary) for the machine its
+    session reported: compiled again by restate(state, machine) if they were resolved for another
+    one (the controller's, before any host was reached). Raises artifacts.Unavailable."""
+    if restate is None or state.machine is None or shell.machine is None or shell.machine == state.machine:
+        return state
+    return restate(state, shell.machine)
+
+
+def machine_states(fleet, states, restate):
+    """Every reached host's state for its machine, before any host is changed: ({host name:
+    state}, {host name: one line why it has no artifact for its machine})."""
+    def one(state):
+        shell = fleet.shell(state.host.name)
+        try:
+            return (for_machine(state, shell, restate) if shell else state), None
+        except artifacts.Unavailable as e:
+            return state, fleet.mask(str(e))
+
+    found = parallel(list(states.values()), one)
+    return {s.host.name: s for s, _ in found}, {s.host.name: why for s, why in found if why}
+
+
+def _prepare_host(fleet, state, listen_addresses, progress, restate=None):
     """Connect, gather facts and plan; the outcome carries the plan and the facts report."""
     name = state.host.name
     outcome = HostOutcome(host=name)
@@ -212,6 +238,13 @@ def _prepare_host(fleet, state, listen_addresses, progress):
         progress.step(name, "connect", Status.FAILED, outcome.error)
         return outcome
     outcome.shell = link.shell
+    try:
+        outcome.state = state = for_machine(state, link.shell, restate)
+    except artifacts.Unavailable as e:
+        outcome.error = fleet.mask(f"{e}; nothing was changed here")
+        outcome.steps["artifacts"] = Status.FAILED
+        progress.step(name, "artifacts", Status.FAILED, outcome.error)
+        return outcome
     try:
         _plan_linked(fleet, link.shell, state, listen_addresses, outcome, progress)
     except connection.ConnectFailed as e:
@@ -528,18 +561,19 @@ def _on_each_host(fleet, states, result_type, work):
         if link is not None:
             try:
                 work(link.shell, state, result)
-            except connection.ConnectFailed as e:
+            except (connection.ConnectFailed, artifacts.Unavailable) as e:
                 result.error = fleet.mask(str(e))
         return result
 
     return parallel(list(states.values()), one)
 
 
-def status(fleet, states, services):
+def status(fleet, states, services, restate=None):
     """Process state and listeners per host, the release each process runs and how it drifts from
     the inventory, and Envoy's view of each service's endpoints."""
     names = [s.name for s in services]
     def host_status(shell, state, result):
+        state = for_machine(state, shell, restate)
         report = facts.parse(shell.run(commands.facts(state, recover=False), STEP_SECONDS, "status").output)
         result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
         result.ports = verify.check_ports(state, report)

@@ -2,7 +2,8 @@
 
 Standard library only, Python 3.9+: it runs with the host's python3, where fleet is not installed.
 
-    python3 supervisor.py start  ROOT NAME [options] -- COMMAND...
+    python3 supervisor.py start  ROOT NAME [options] [--hot-restart] -- COMMAND...
+    python3 supervisor.py reload ROOT NAME -- COMMAND...
     python3 supervisor.py stop   ROOT NAME [--grace S]
     python3 supervisor.py status ROOT NAME
 
@@ -22,6 +23,15 @@ Restart=always: the first after --backoff-min seconds, then doubling up to --bac
 the process keeps exiting within --stable seconds of its start; a run of --stable seconds or
 more resets the delay.
 
+With --hot-restart (Envoy), the child's environment also carries FLEET_RESTART_EPOCH and
+FLEET_BASE_ID for its `--restart-epoch` and `--base-id`, and `reload` replaces the child without a
+moment in which nothing serves: the supervisor starts COMMAND as the next epoch beside the running
+one, which hands its listening sockets over and exits by itself once drained. The exit of such a
+retiring epoch is expected, not a crash. If the new epoch exits while an older one still lives (it
+could not take over), the older one is the child again. A crash with no older epoch alive restarts
+at epoch 0. The base id is derived from the host's network and mount namespaces, ROOT and NAME:
+Envoy names its shared memory in /dev/shm after it, and two Envoys on one machine must differ.
+
 The child's stdout and stderr go through a pipe to ROOT/log/NAME.log (mode 0640), rotated by
 size: NAME.log.1 .. NAME.log.K hold the older output. Supervisor events are lines starting with
 `== ` in the same log.
@@ -31,8 +41,11 @@ Files in ROOT/run (mode 0600):
     NAME.sup    the supervisor's pid; its environment carries FLEET_SUPERVISOR=ROOT/NAME
     NAME.state  one line of key=value: state (running, backoff, stopping, stopped), supervisor,
                 pid, restarts, last_exit (exit:N, SIGNAME or exec:ERROR), last_exit_at,
-                started_at, delay (seconds before the next start while in backoff)
+                started_at, delay (seconds before the next start while in backoff), epoch
+                (the child's restart epoch; - without --hot-restart), reloads, spawned (the pid
+                of the latest start, a reload's new epoch included, alive or not)
     NAME.stop   written by `stop`: the grace period the supervisor gives the child
+    NAME.next   written by `reload`: the next epoch's command (JSON), read and removed on SIGUSR1
 
 `status` prints NAME.state's line with `state` corrected by what is alive (`dead`: the
 supervisor is gone; `absent`: never started) and exits 0 if the state is running, else 3.
@@ -43,6 +56,8 @@ import argparse
 import ctypes
 import datetime
 import errno
+import hashlib
+import json
 import os
 import re
 import selectors
@@ -57,6 +72,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_@][A-Za-z0-9_.@-]*$")
 PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536
 NOT_RUNNING = 3
+RELOAD_SECONDS = 10  # `start` and `reload` wait this long, at most, for the supervisor to record the change
+# Envoy's shared memory is /dev/shm/envoy_shared_memory_<10 * base id>: base ids stay below 2**32 / 10.
+BASE_IDS = 100_000_000
 
 
 class Usage(Exception):
@@ -122,6 +140,7 @@ class Paths:
         self.sup = os.path.join(self.run_dir, f"{name}.sup")
         self.state = os.path.join(self.run_dir, f"{name}.state")
         self.stop = os.path.join(self.run_dir, f"{name}.stop")
+        self.next = os.path.join(self.run_dir, f"{name}.next")
         self.log = os.path.join(self.log_dir, f"{name}.log")
         self.proc_marker = f"FLEET_PROC={root}/{name}"
         self.sup_marker = f"FLEET_SUPERVISOR={root}/{name}"
@@ -209,98 +228,176 @@ def _pdeathsig_setter():
     return preexec
 
 
+def base_id(root, name):
+    """Envoy's --base-id for ROOT/NAME on this machine: from the network and mount namespaces
+    (namespace hosts share one /dev/shm), ROOT and NAME; never 0, Envoy's default."""
+    spaces = []
+    for space in ("net", "mnt"):
+        try:
+            spaces.append(os.readlink(f"/proc/self/ns/{space}"))
+        except OSError:
+            spaces.append("-")
+    digest = hashlib.sha256("\0".join([*spaces, root, name]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (BASE_IDS - 1) + 1
+
+
 class Supervisor:
     def __init__(self, paths, command, options):
         self.paths, self.command, self.options = paths, command, options
         self.log = RotatingLog(paths.log, options.log_max_bytes, options.log_keep)
         self.child = None  # subprocess.Popen while a child runs
-        self.output = None  # read end of the child's stdout/stderr pipe
+        self.epoch = 0  # the child's restart epoch (--hot-restart)
+        self.retiring = {}  # pid -> (Popen, epoch, started): older epochs handing over to the child
+        self.outputs = {}  # pid -> read end of that process's stdout/stderr pipe
         self.state = "starting"
         self.restarts = 0
+        self.reloads = 0
         self.failures = 0  # consecutive exits within options.stable seconds of a start
         self.last_exit, self.last_exit_at, self.started_at = "-", "-", "-"
         self.started = 0.0
+        self.spawned = "-"  # pid of the latest start, alive or not (a reload's new epoch may die at once)
         self.delay = 0.0
         self.restart_at = None
         self.kill_at = None
         self.term_requested = False
+        self.reload_requested = False
         self.selector = selectors.DefaultSelector()
         self.preexec = _pdeathsig_setter()
         self.env = {k: v for k, v in os.environ.items() if k != "FLEET_SUPERVISOR"}
         self.env["FLEET_PROC"] = f"{paths.root}/{paths.name}"
+        self.base_id = base_id(paths.root, paths.name) if options.hot_restart else None
 
     # -- records ---------------------------------------------------------------------------
     def record(self):
         fields = {"name": self.paths.name, "state": self.state, "supervisor": os.getpid(),
                   "pid": self.child.pid if self.child else "-", "restarts": self.restarts,
                   "last_exit": self.last_exit, "last_exit_at": self.last_exit_at,
-                  "started_at": self.started_at, "delay": f"{self.delay:g}"}
+                  "started_at": self.started_at, "delay": f"{self.delay:g}",
+                  "epoch": self.epoch if self.options.hot_restart else "-", "reloads": self.reloads,
+                  "spawned": self.spawned}
         write_atomic(self.paths.state, format_state(fields) + "\n")
 
+    def write_pid(self):
+        write_atomic(self.paths.pid, f"{self.child.pid}\n")
+
     # -- the child -------------------------------------------------------------------------
-    def spawn(self):
+    def spawn(self, epoch=0):
         self.restart_at = None
+        env = self.env
+        if self.options.hot_restart:
+            env = dict(env, FLEET_RESTART_EPOCH=str(epoch), FLEET_BASE_ID=str(self.base_id))
         read_end, write_end = os.pipe()
         try:
-            self.child = subprocess.Popen(self.command, cwd=self.paths.root, env=self.env, stdin=subprocess.DEVNULL,
-                                          stdout=write_end, stderr=write_end, close_fds=True,
-                                          preexec_fn=self.preexec)
+            child = subprocess.Popen(self.command, cwd=self.paths.root, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=write_end, stderr=write_end, close_fds=True, preexec_fn=self.preexec)
         except OSError as e:
             os.close(read_end)
             os.close(write_end)
-            self.child = None
             self.last_exit, self.last_exit_at = f"exec:{errno.errorcode.get(e.errno, e.errno)}", utc_now()
+            self.spawned = "-"
             self.log.event(f"cannot start {self.command[0]}: {e.strerror}")
-            self.schedule_restart(ran=0.0)
+            if self.retiring:
+                self.serve_on()
+            else:
+                self.schedule_restart(ran=0.0)
             return
         os.close(write_end)
         os.set_blocking(read_end, False)
-        self.output = read_end
-        self.selector.register(read_end, selectors.EVENT_READ)
+        self.outputs[child.pid] = read_end
+        self.selector.register(read_end, selectors.EVENT_READ, child.pid)
+        self.child, self.epoch, self.spawned = child, epoch, child.pid
         self.started, self.started_at = time.monotonic(), utc_now()
-        write_atomic(self.paths.pid, f"{self.child.pid}\n")
+        self.write_pid()
         self.state = "running"
         self.delay = 0.0
-        self.log.event(f"started pid {self.child.pid}")
+        self.log.event(f"started pid {child.pid}" + (f" (epoch {epoch})" if self.options.hot_restart else ""))
         self.record()
 
-    def drain_output(self, until_eof=False):
-        while self.output is not None:
+    def reload(self):
+        """The next epoch, with the command `reload` left in NAME.next, beside the running one."""
+        try:
+            with open(self.paths.next) as f:
+                command = json.load(f)
+            os.unlink(self.paths.next)
+        except (OSError, ValueError) as e:
+            self.log.event(f"reload: no command to start ({e})")
+            return
+        if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)):
+            self.log.event("reload: the command is not a list of strings")
+            return
+        self.command = command
+        self.reloads += 1
+        if self.state in ("stopping", "stopped"):
+            return
+        self.log.event(f"reload: {shlex.join(command)}")
+        if self.child is None:  # in backoff: start now, afresh
+            self.spawn(0)
+            return
+        self.retiring[self.child.pid] = (self.child, self.epoch, self.started)
+        self.child = None
+        self.spawn(self.epoch + 1)
+
+    def serve_on(self):
+        """The new epoch is gone and could not have taken over: the newest older one is the child again."""
+        pid = max(self.retiring, key=lambda p: self.retiring[p][1])
+        self.child, self.epoch, self.started = self.retiring.pop(pid)
+        self.write_pid()
+        self.state = "running"
+        self.log.event(f"epoch {self.epoch} pid {pid} serves on")
+        self.record()
+
+    def drain_output(self, pid, until_eof=False):
+        fd = self.outputs.get(pid)
+        while fd is not None:
             try:
-                data = os.read(self.output, READ_CHUNK)
+                data = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 if until_eof:  # a grandchild may hold the pipe: keep what is there, then let go
-                    self.close_output()
+                    self.close_output(pid)
                 return
             if not data:
-                self.close_output()
+                self.close_output(pid)
                 return
             self.log.write(data)
 
-    def close_output(self):
-        self.selector.unregister(self.output)
-        os.close(self.output)
-        self.output = None
+    def close_output(self, pid):
+        fd = self.outputs.pop(pid)
+        self.selector.unregister(fd)
+        os.close(fd)
 
     def reap(self):
-        if self.child is None:
-            return
-        pid, status = os.waitpid(self.child.pid, os.WNOHANG)
-        if pid == 0:
-            return
-        self.child.returncode = status  # keep Popen from waiting on a reaped pid
-        self.drain_output(until_eof=True)
-        self.child = None
-        try:
-            os.unlink(self.paths.pid)
-        except FileNotFoundError:
-            pass
-        self.last_exit, self.last_exit_at = exit_reason(status), utc_now()
-        self.log.event(f"process exited ({self.last_exit})")
-        if self.state == "stopping":
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exited(pid, status)
+
+    def exited(self, pid, status):
+        self.drain_output(pid, until_eof=True)
+        reason = exit_reason(status)
+        if pid in self.retiring:
+            proc, epoch, _ = self.retiring.pop(pid)
+            proc.returncode = status  # keep Popen from waiting on a reaped pid
+            self.log.event(f"epoch {epoch} pid {pid} exited ({reason}), handed over")
+        elif self.child is not None and pid == self.child.pid:
+            self.child.returncode = status
+            self.child = None
+            try:
+                os.unlink(self.paths.pid)
+            except FileNotFoundError:
+                pass
+            self.last_exit, self.last_exit_at = reason, utc_now()
+            self.log.event(f"process exited ({reason})")
+            if self.state != "stopping":
+                if self.retiring:
+                    self.serve_on()
+                else:
+                    self.schedule_restart(ran=time.monotonic() - self.started)
+        if self.state == "stopping" and self.child is None and not self.retiring:
             self.state = "stopped"
-            return
-        self.schedule_restart(ran=time.monotonic() - self.started)
 
     def schedule_restart(self, ran):
         if ran >= self.options.stable:
@@ -321,20 +418,24 @@ class Supervisor:
         except (OSError, ValueError):
             pass
         self.restart_at = None
-        if self.child is None:
+        if self.child is None and not self.retiring:
             self.state = "stopped"
             return
         self.state = "stopping"
         self.record()
-        self.log.event(f"stopping pid {self.child.pid} (SIGTERM, grace {grace:g}s)")
-        self.signal_child(signal.SIGTERM)
+        self.log.event(f"stopping pid(s) {' '.join(map(str, self.pids()))} (SIGTERM, grace {grace:g}s)")
+        self.signal_all(signal.SIGTERM)
         self.kill_at = time.monotonic() + grace
 
-    def signal_child(self, sig):
-        try:
-            os.killpg(self.child.pid, sig)
-        except ProcessLookupError:
-            pass
+    def pids(self):
+        return ([self.child.pid] if self.child else []) + list(self.retiring)
+
+    def signal_all(self, sig):
+        for pid in self.pids():
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
 
     # -- the loop --------------------------------------------------------------------------
     def run(self):
@@ -347,8 +448,12 @@ class Supervisor:
         def request_stop(*_):
             self.term_requested = True
 
+        def request_reload(*_):
+            self.reload_requested = True
+
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGUSR1, request_reload)
         # Caught, not ignored: an ignored signal would stay ignored in the child across exec.
         signal.signal(signal.SIGHUP, lambda *_: None)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd hears it
@@ -364,23 +469,29 @@ class Supervisor:
                         except BlockingIOError:
                             break
                 else:
-                    self.drain_output()
+                    self.drain_output(key.data)
             if self.term_requested and self.state not in ("stopping", "stopped"):
                 self.begin_stop()
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
             self.reap()
             now = time.monotonic()
             if self.restart_at is not None and now >= self.restart_at:
                 self.spawn()
-            if self.kill_at is not None and now >= self.kill_at and self.child is not None:
-                self.log.event(f"grace over: SIGKILL pid {self.child.pid}")
-                self.signal_child(signal.SIGKILL)
+            if self.kill_at is not None and now >= self.kill_at and self.pids():
+                self.log.event(f"grace over: SIGKILL pid(s) {' '.join(map(str, self.pids()))}")
+                self.signal_all(signal.SIGKILL)
                 self.kill_at = None
         self.record()
         self.log.event("stopped")
-        for path in (self.paths.sup, self.paths.stop):
+        leftovers = [self.paths.sup, self.paths.stop, self.paths.next]
+        if self.base_id is not None:  # Envoy leaves its hot-restart region behind
+            leftovers.append(f"/dev/shm/envoy_shared_memory_{self.base_id * 10}")
+        for path in leftovers:
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
 
     def timeout(self):
@@ -426,7 +537,7 @@ def cmd_start(paths, args):
     env.pop("FLEET_PROC", None)
     options = ["--grace", f"{args.grace:g}", "--backoff-min", f"{args.backoff_min:g}", "--backoff-max",
                f"{args.backoff_max:g}", "--stable", f"{args.stable:g}", "--log-max-bytes", str(args.log_max_bytes),
-               "--log-keep", str(args.log_keep)]
+               "--log-keep", str(args.log_keep)] + (["--hot-restart"] if args.hot_restart else [])
     log = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", paths.root, paths.name, *options,
                              "--", *args.command], env=env, cwd=paths.root, stdin=subprocess.DEVNULL, stdout=log,
@@ -434,7 +545,7 @@ def cmd_start(paths, args):
     os.close(log)
     # Wait (bounded) until the supervisor has recorded its first start, so that the caller's
     # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + RELOAD_SECONDS
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(f"{paths.name}: supervisor exited at once ({describe_returncode(proc.returncode)}); "
@@ -445,7 +556,34 @@ def cmd_start(paths, args):
             print(format_state(fields))
             return 0
         time.sleep(0.05)
-    print(f"{paths.name}: supervisor pid {proc.pid} recorded no state within 10s; see {paths.log}",
+    print(f"{paths.name}: supervisor pid {proc.pid} recorded no state within {RELOAD_SECONDS}s; see {paths.log}",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_reload(paths, args):
+    """Hands NAME over to COMMAND as its next epoch (a supervisor started with --hot-restart);
+    returns once the supervisor has started it (NAME.pid names it), or exits 3 when no such
+    supervisor runs NAME (the caller starts it instead)."""
+    supervisor = paths.live_supervisor()
+    fields = paths.read_state()
+    if not supervisor or fields.get("epoch", "-") == "-" or fields.get("state") in ("stopping", "stopped"):
+        print(f"{paths.name}: not run by a supervisor with --hot-restart; start it instead", file=sys.stderr)
+        return NOT_RUNNING
+    before = fields.get("reloads")
+    write_atomic(paths.next, json.dumps(args.command))
+    os.kill(supervisor, signal.SIGUSR1)
+    deadline = time.monotonic() + RELOAD_SECONDS
+    while time.monotonic() < deadline:
+        fields = paths.read_state()
+        if fields.get("reloads") != before:
+            print(format_state(fields))
+            return 0
+        if not paths.live_supervisor():
+            print(f"{paths.name}: the supervisor exited during the reload; see {paths.log}", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"{paths.name}: the supervisor did not take the reload within {RELOAD_SECONDS}s; see {paths.log}",
           file=sys.stderr)
     return 1
 
@@ -526,11 +664,11 @@ class Parser(argparse.ArgumentParser):
 def parser():
     top = Parser(prog="supervisor.py", description="Keeps one service process alive.")
     sub = top.add_subparsers(dest="action", required=True, parser_class=Parser)
-    for action in ("start", "_run", "stop", "status"):
+    for action in ("start", "_run", "reload", "stop", "status"):
         p = sub.add_parser(action)
         p.add_argument("root")
         p.add_argument("name")
-        if action == "status":
+        if action in ("status", "reload"):
             continue
         p.add_argument("--grace", type=positive, default=15.0,
                        help="seconds between SIGTERM and SIGKILL (a service drains, then finishes calls)")
@@ -542,6 +680,8 @@ def parser():
                        help="a run this long resets the backoff")
         p.add_argument("--log-max-bytes", type=non_negative_int, default=10 * 1024 * 1024)
         p.add_argument("--log-keep", type=non_negative_int, default=3, help="rotated logs kept")
+        p.add_argument("--hot-restart", action="store_true",
+                       help="Envoy's hot restart: FLEET_RESTART_EPOCH and FLEET_BASE_ID; `reload` hands over")
     return top
 
 
@@ -560,9 +700,9 @@ def main(argv=None):
     try:
         args = parser().parse_args(head)
         args.command = command
-        if args.action not in ("start", "_run") and command:
+        if args.action not in ("start", "_run", "reload") and command:
             raise Usage(f"{args.action} takes no command")
-        if args.action in ("start", "_run") and not command:
+        if args.action in ("start", "_run", "reload") and not command:
             raise Usage(f"{args.action} needs a command after --")
         if args.action in ("start", "_run") and args.log_max_bytes < 1:
             raise Usage("--log-max-bytes must be at least 1")
@@ -572,7 +712,7 @@ def main(argv=None):
         return 2
     if args.action == "_run":
         return run_supervisor(paths, args)
-    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}[args.action](paths, args)
+    return {"start": cmd_start, "reload": cmd_reload, "stop": cmd_stop, "status": cmd_status}[args.action](paths, args)
 
 
 def run_supervisor(paths, args):
@@ -591,8 +731,7 @@ def run_supervisor(paths, args):
         supervisor.run()
     except BaseException:
         supervisor.log.event("crashed: " + traceback.format_exc().replace("\n", " | "))
-        if supervisor.child is not None:
-            supervisor.signal_child(signal.SIGKILL)
+        supervisor.signal_all(signal.SIGKILL)
         raise
     return 0
 

@@ -21,11 +21,13 @@ def port_shift(base):
     return base + 100 * (int(os.environ.get("FLEET_LAB_ID") or 0) % 100)
 
 
-def planned_artifact(src, base_dir):
+def planned_artifact(src, base_dir, machine=None):
     """Identities for planning tests: built-in artifacts are named, never built or hashed (planning
-    must not need the services package or the 107 MB Envoy wheel); files on disk are resolved."""
+    must not need the services package or the 107 MB Envoy wheel); files on disk are resolved.
+    A machine-specific one has an identity per machine."""
     if src in artifacts.BUILTIN_NAMES:
-        return artifacts.Artifact(path=f"(not built) {src}", sha256=hashlib.sha256(src.encode()).hexdigest(),
+        which = f"{src} {machine}" if machine and src in artifacts.MACHINE_SPECIFIC else src
+        return artifacts.Artifact(path=f"(not built) {which}", sha256=hashlib.sha256(which.encode()).hexdigest(),
                                   name=artifacts.BUILTIN_NAMES[src])
     return artifacts.resolve(src, base_dir)
 

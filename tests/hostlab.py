@@ -69,11 +69,13 @@ def _run(*cmd):
 
 
 class HostLab:
-    def __init__(self, count, lab_id=None, max_startups="200:30:400", plain_user=False, sudo=False, systemd=False):
+    def __init__(self, count, lab_id=None, max_startups="200:30:400", plain_user=False, sudo=False, setenv=None,
+                 systemd=False):
         """plain_user: fleet logs in as a user of this lab whose shell is /bin/sh (no login-shell
         tax, no root), with /srv/fleet its own on every host; sudo: that user may sudo without a
-        password; systemd: every host runs a real systemd as PID 1 of its own PID namespace, and
-        its sshd runs beside it there (see SystemdHost below)."""
+        password; setenv: {host name: {VARIABLE: value}} that host's sshd sets for every login
+        (sshd's SetEnv: PATH too); systemd: every host runs a real systemd as PID 1 of its own PID
+        namespace, and its sshd runs beside it there ("systemd hosts" below)."""
         # FLEET_LAB_ID: an id of its own for each checkout that runs tests on this machine at once.
         if lab_id is None:
             lab_id = int(os.environ["FLEET_LAB_ID"]) if os.environ.get("FLEET_LAB_ID") else os.getpid() % 200 + 20
@@ -92,6 +94,7 @@ class HostLab:
         self.sudo = sudo and plain_user
         self.sudoers = f"/etc/sudoers.d/fleet-lab-{self.tag}"
         self.python = host_python() if plain_user else sys.executable
+        self.setenv = setenv or {}
         self._user_created = False
         self.systemd = systemd
 
@@ -194,6 +197,8 @@ AllowTcpForwarding yes
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
 """)
+            for variable, value in self.setenv.get(host.name, {}).items():
+                f.write(f"SetEnv {variable}={value}\n")
         return path
 
     def _start_sshd(self, host):

@@ -4,15 +4,17 @@ client channels through Envoy. A backend or Envoy killed with kill -9 is back wi
 command; `fleet status` shows restarts and the last exit; a crash loop is shown and is unhealthy
 (docs/failure-modes.md, "Convergence")."""
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
 import pytest
 
-from fleet import facts
+from fleet import artifacts, facts
 from tests.conftest import run_fleet, write_inventory
 from tests.hostlab import LabError
 from tests.load import Load
@@ -173,16 +175,75 @@ def test_a_backend_in_a_crash_loop_is_shown_in_backoff_and_status_exits_1(lab, b
     assert again.returncode == 0 and processes[("h3", "inference")]["restarts"] == 0
 
 
-def test_a_change_that_needs_a_new_envoy_restarts_it_under_its_supervisor(lab, base, tmp_path):
+def supervisor_fields(lab):
+    return dict(f.split("=", 1) for f in run_file(lab, "h0", "envoy-inference", "state").split())
+
+
+def hot_restart_under_load(lab, path):
+    """`fleet deploy` of a change that needs a new Envoy, under load, until the old Envoy has
+    drained and exited (envoy_parent_shutdown_seconds): the new epoch's pid, the deploy, the load."""
     old = pid_of(lab, "h0", "envoy-inference")
-    changed = write_inventory(tmp_path, inventory(lab, envoy_log_level="info"), name="log-level.yaml")
-    result = run_fleet("deploy", "inference", "-i", changed)
-    assert result.returncode == 0, result.stdout + result.stderr
+    with Load(f"{lab.host('h0').address}:8083") as load:
+        result = run_fleet("deploy", "inference", "-i", path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        new = pid_of(lab, "h0", "envoy-inference")
+        assert new != old and listener_pids(lab, "h0", 8083) >= {new}
+        wait_for(lambda: old not in listener_pids(lab, "h0", 8083) and not os.path.exists(f"/proc/{old}"), 30,
+                 "the old Envoy to drain and exit")
+    print(f"\nEnvoy hot restart ({os.path.basename(path)}): {load}")
+    assert load.sent > 50 and load.failed == 0, load
+    assert listener_pids(lab, "h0", 8083) == {new}
+    return new, result
+
+
+def test_a_change_that_needs_a_new_envoy_hands_over_to_it_and_loses_nothing(lab, base, tmp_path):
+    """A log level, then a new Envoy binary, then back: each a hot restart (the next epoch beside
+    the running Envoy, under the same supervisor), 0 failed calls under load."""
+    supervisor_pid = run_file(lab, "h0", "envoy-inference", "sup")
+    restarts = supervisor_fields(lab)["restarts"]
+    new, result = hot_restart_under_load(lab, write_inventory(tmp_path, inventory(lab, envoy_log_level="info"),
+                                                              name="log-level.yaml"))
     assert re.search(r"^h0 +inference\.envoy\.process +changed", result.stdout, re.M)
-    new = pid_of(lab, "h0", "envoy-inference")
-    assert new != old and listener_pids(lab, "h0", 8083) == {new}
     assert "--log-level info" in open(f"/proc/{new}/cmdline").read().replace("\0", " ")
-    assert run_file(lab, "h0", "envoy-inference", "state").startswith("name=envoy-inference state=running ")
+    state = supervisor_fields(lab)
+    assert state["epoch"] == "1" and state["restarts"] == restarts, state  # a hand-over, not a crash
+    assert run_file(lab, "h0", "envoy-inference", "sup") == supervisor_pid
+
+    # Another binary (other bytes, so another content-addressed file): the same hand-over.
+    binary = tmp_path / "envoy-next"
+    shutil.copy(artifacts.resolve("builtin:envoy", ".").path, binary)
+    with open(binary, "ab") as f:
+        f.write(b"\0fleet test: another build\n")
+    new, result = hot_restart_under_load(lab, write_inventory(
+        tmp_path, inventory(lab, envoy_log_level="info", envoy_binary=str(binary)), name="binary.yaml"))
+    assert "inference.envoy.binary" in result.stdout
+    with open(f"/proc/{new}/exe", "rb") as running:  # the new epoch runs the new binary
+        assert hashlib.sha256(running.read()).digest() == hashlib.sha256(binary.read_bytes()).digest()
+    assert supervisor_fields(lab)["epoch"] == "2"
     assert sorted(envoy_health(lab).values()) == ["healthy"] * 3
-    back = run_fleet("deploy", "inference", "-i", base)
-    assert back.returncode == 0, back.stdout + back.stderr
+
+    hot_restart_under_load(lab, base)
+
+
+def test_a_new_envoy_that_cannot_start_leaves_the_running_one_serving_and_loses_nothing(lab, base, tmp_path):
+    """Its next epoch exits at once (a binary that is not Envoy): the epoch before it serves on,
+    the deploy fails naming the host and rolls back, and no call is lost."""
+    broken = tmp_path / "not-envoy"
+    broken.write_text("#!/bin/sh\necho 'not an envoy' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    before = pid_of(lab, "h0", "envoy-inference")
+    with Load(f"{lab.host('h0').address}:8083") as load:
+        result = run_fleet("deploy", "inference", "-i", write_inventory(
+            tmp_path, inventory(lab, envoy_binary=str(broken)), name="broken.yaml"))
+    print(f"\nan Envoy that cannot start: {load}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"h0 +apply +failed +envoy-inference", result.stdout), result.stdout
+    assert "previous version restored and running" in result.stdout
+    assert load.sent > 50 and load.failed == 0, load
+    serving = pid_of(lab, "h0", "envoy-inference")
+    assert listener_pids(lab, "h0", 8083) >= {serving} and sorted(envoy_health(lab).values()) == ["healthy"] * 3
+    # The rollback handed over to an epoch of the previous binary; the one from before drains and exits.
+    assert serving != before
+    with open(f"/proc/{serving}/exe", "rb") as running, open(artifacts.resolve("builtin:envoy", ".").path, "rb") as f:
+        assert hashlib.sha256(running.read()).digest() == hashlib.sha256(f.read()).digest()
+    wait_for(lambda: not os.path.exists(f"/proc/{before}"), 30, "the Envoy from before to drain and exit")

@@ -352,3 +352,117 @@ def test_fleets_inference_service_under_the_supervisor(root, tmp_path):
     assert state["last_exit"] == "exit:0"
     log = root.read("log", "inference.log")
     assert log.count("draining: health NOT_SERVING") == 1 and log.rstrip().endswith("supervisor: stopped")
+
+
+ENVOY_BOOTSTRAP = """admin:
+  address: {{pipe: {{path: {admin}, mode: 0600}}}}
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"""
+
+
+class HttpLoad:
+    """Requests to 127.0.0.1:port as fast as one thread goes, each on a new connection (a listener
+    handed over with a request in its accept queue would show up here), until stopped."""
+
+    def __init__(self, port):
+        import threading
+        self.port, self.sent, self.failed, self.bodies = port, 0, [], set()
+        self.running = True
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        import http.client
+        while self.running:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                self.bodies.add(response.read().decode())
+                if response.status != 200:
+                    self.failed.append(f"status {response.status}")
+            except OSError as e:
+                self.failed.append(repr(e))
+            finally:
+                connection.close()
+            self.sent += 1
+
+    def stop(self):
+        self.running = False
+        self.thread.join(10)
+
+
+def test_a_hot_restart_hands_envoy_over_to_its_next_epoch_without_a_failed_request(root, tmp_path):
+    """reload starts the next epoch beside the running Envoy (no moment without a listener), the
+    old one's exit is not a crash; a next epoch that cannot start leaves the old one serving; stop
+    ends them all and removes Envoy's shared memory."""
+    envoy = artifacts.resolve("builtin:envoy", ".").path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def command(body, config_name=None):
+        config = tmp_path / (config_name or f"{body}.yaml")
+        if config_name is None:
+            config.write_text(ENVOY_BOOTSTRAP.format(admin=tmp_path / "admin.sock", port=port, body=body))
+        return ["sh", "-c", f'exec {envoy} -c {config} --restart-epoch "$FLEET_RESTART_EPOCH" '
+                            '--base-id "$FLEET_BASE_ID" --drain-time-s 1 --parent-shutdown-time-s 2 -l warn']
+
+    first = root.start("envoy", *command("v1"), options=("--hot-restart",))
+    assert first["epoch"] == "0"
+    old = int(first["pid"])
+    base = supervisor.base_id(root.path, "envoy")
+    wait_for(lambda: os.path.exists(f"/dev/shm/envoy_shared_memory_{base * 10}"), what="Envoy's shared memory")
+    load = HttpLoad(port)
+    try:
+        wait_for(lambda: "v1" in load.bodies, what="v1 answering")
+        proc = run("reload", root.path, "envoy", "--", *command("v2"))
+        assert proc.returncode == 0, proc.stderr
+        state = fields(proc.stdout)
+        new = int(state["pid"])
+        assert new != old and state["epoch"] == "1" and state["reloads"] == "1"
+        wait_for(lambda: not alive(old), timeout=15, what="the old epoch to exit after its drain")
+        wait_for(lambda: "v2" in load.bodies, what="v2 answering")
+        state, code = root.status("envoy")
+        assert code == 0 and state["pid"] == str(new) and state["restarts"] == "0" and state["last_exit"] == "-"
+
+        # A next epoch that cannot start (its config is missing): the running one serves on.
+        proc = run("reload", root.path, "envoy", "--", *command("v3", config_name="missing.yaml"))
+        assert proc.returncode == 0, proc.stderr
+        wait_for(lambda: root.status("envoy")[0]["pid"] == str(new) and root.status("envoy")[0]["reloads"] == "2",
+                 what="epoch 1 to be the child again")
+        time.sleep(1)  # still serving after what would have been the failed epoch's take-over
+        assert alive(new) and root.status("envoy")[0]["state"] == "running"
+    finally:
+        load.stop()
+    assert load.sent > 100 and load.failed == [], (load.sent, load.failed[:5])
+    assert load.bodies == {"v1", "v2"}
+    assert "serves on" in root.read("log", "envoy.log")
+    state = root.stop("envoy")
+    assert state["state"] == "stopped" and not alive(new)
+    assert not os.path.exists(f"/dev/shm/envoy_shared_memory_{base * 10}")
+
+
+def test_reload_of_a_process_without_hot_restart_is_refused_with_exit_3(root):
+    root.start("plain", *SLEEPER)
+    proc = run("reload", root.path, "plain", "--", *SLEEPER)
+    assert proc.returncode == 3 and "start it instead" in proc.stderr
+    proc = run("reload", root.path, "never-started", "--", *SLEEPER)
+    assert proc.returncode == 3

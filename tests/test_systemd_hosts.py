@@ -4,8 +4,8 @@ h0 and h1 behind Envoy on h0, fleet logging in as a /bin/sh user with `become: t
 root). The unit is installed and enabled; a
 backend killed with kill -9 is restarted by systemd with no fleet command, and `fleet status`
 shows it; a host that reboots starts it again; `fleet stop` stops and disables it; a deploy that
-changes nothing touches nothing. Envoy stays under fleet's supervisor (roles/envoy: systemd:
-false). The same login without become cannot install units: its processes run under fleet's
+changes nothing touches nothing. Envoy stays under fleet's supervisor (hot_restart:
+its epochs are the supervisor's job). The same login without become cannot install units: its processes run under fleet's
 supervisor. See docs/operations.md, "systemd units"."""
 
 import json
@@ -205,3 +205,19 @@ def test_rolling_and_surge_changes_under_load_lose_nothing_with_units(lab, deplo
     surge = systemd.unit_name("/srv/fleet", "inference-surge")
     assert [lab.systemctl("h1", verb, surge)[1].strip() for verb in ("is-active", "is-enabled")] == [
         "inactive", "disabled"]
+
+
+def test_envoy_hot_restarts_under_its_supervisor_on_a_systemd_host(lab, deployed, tmp_path):
+    """Envoy is no unit: a change that needs a new Envoy is a hot restart by its supervisor, as on
+    any host (the next epoch beside the running one), 0 failed calls under load."""
+    data = yaml.safe_load(open(deployed))
+    data["services"]["inference"]["ingress"]["vars"] = {"envoy_log_level": "info"}
+    with Load(f"{lab.host('h0').address}:8083") as load:
+        result = run_fleet("deploy", "inference", "-i", write_inventory(tmp_path, data))
+    print(f"\nEnvoy hot restart on a systemd host: {load}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load.sent > 50 and load.failed == 0, load
+    state = dict(f.split("=", 1) for f in run_file(lab, "h0", "envoy-inference", "state").split())
+    assert state["epoch"] == "1" and state["state"] == "running", state
+    _, processes = status_json(deployed)
+    assert processes[("h0", "envoy-inference")]["keeper"] == "fleet"
