@@ -68,8 +68,9 @@ def pid_of(lab, root, host):
         return int(f.read())
 
 
-def scenarios(lab, cwd, root, directory, n, artifact):
-    """Runs every scenario with the fleet found in cwd; returns {scenario: numbers}."""
+def scenarios(lab, cwd, root, directory, n, artifact, rollback=True):
+    """Runs every scenario with the fleet found in cwd (`fleet rollback` only where it has one);
+    returns {scenario: numbers}."""
     hosts = [f"h{i}" for i in range(1, n + 1)]
     extra = f"h{n + 1}"
     results = {}
@@ -83,6 +84,11 @@ def scenarios(lab, cwd, root, directory, n, artifact):
     results["a service variable"] = deploy("variable", inventory(lab, root, hosts, modelParallelism=3))
     results["a new artifact"] = deploy("artifact", inventory(lab, root, hosts, modelParallelism=3,
                                                              artifact=artifact))
+    if rollback:  # back to the release before the new artifact, rolling like a deploy
+        path = write(directory, f"{os.path.basename(root)}-artifact.yaml", inventory(lab, root, hosts,
+                                                                                    modelParallelism=3))
+        results["fleet rollback inference"] = under_load(
+            lab, lambda: fleet(cwd, "rollback", "inference", "-i", path).returncode)
     results["a backend added"] = deploy("add", inventory(lab, root, hosts + [extra], modelParallelism=3,
                                                          artifact=artifact))
     fewer = [h for h in hosts if h != "h2"] + [extra]
@@ -91,8 +97,15 @@ def scenarios(lab, cwd, root, directory, n, artifact):
     results["a version that never listens"] = deploy("never", inventory(
         lab, root, fewer, modelParallelism=3, artifact=artifact, command="sleep 300", start_timeout=4))
     # Leave every backend on the good release (the earlier fleet may have left them down).
-    fleet(cwd, "deploy", "inference", "-i", write(directory, "good.yaml", inventory(
-        lab, root, fewer, modelParallelism=3, artifact=artifact)))
+    good = write(directory, f"{os.path.basename(root)}-good.yaml", inventory(lab, root, fewer, modelParallelism=3,
+                                                                             artifact=artifact))
+    fleet(cwd, "deploy", "inference", "-i", good)
+    # A change that needs a new Envoy process (its log level): the earlier fleet stopped Envoy
+    # and started a new one; this one hands over to the next epoch (hot restart).
+    logged = inventory(lab, root, fewer, modelParallelism=3, artifact=artifact)
+    logged["services"]["inference"]["ingress"]["vars"] = {"envoy_log_level": "info"}
+    results["Envoy's log level (a new Envoy process)"] = deploy("envoy", logged)
+    fleet(cwd, "deploy", "inference", "-i", good)
     killed = pid_of(lab, root, "h1")
 
     def kill_and_wait():
@@ -148,7 +161,7 @@ def main():
                 with zipfile.ZipFile(old_artifact, "a") as zf:
                     zf.writestr("RELEASE", "v2\n")
                 results["runs"]["all at once (before issue 9)"] = scenarios(lab, checkout, "/srv/old", directory,
-                                                                            n, old_artifact)
+                                                                            n, old_artifact, rollback=False)
             finally:
                 subprocess.run(["git", "-C", args.git, "worktree", "remove", "--force", checkout], capture_output=True)
         results["runs"]["rolling (this fleet)"] = scenarios(lab, REPO, "/srv/fleet", directory, n, artifact)

@@ -12,7 +12,7 @@ shell code below (_PRELUDE) refers to values only through quoted variables and a
 import re
 from dataclasses import dataclass
 
-from fleet import protocol as P
+from fleet import protocol as P, systemd
 from fleet.shell import Raw, assign, line, script, word
 
 # Seconds a process has to exit after SIGTERM before it is killed.
@@ -31,7 +31,17 @@ _PRELUDE = Raw(_with_markers(r"""
 # (facts read a handful of these per process on every host, every run).
 value() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || :; }; }
 running() { value "$R/run/$1.pid"; alive "$v" "$1"; }
-supervised() { value "$R/run/$1.sup"; alive "$v" "$1" FLEET_SUPERVISOR; }
+# Something restarts it when it exits: its unit is active (or waiting to restart), or its supervisor lives.
+supervised() { if installed "$1"; then unit_active "$1"; else value "$R/run/$1.sup"; alive "$v" "$1" FLEET_SUPERVISOR; fi; }
+# systemd keeps a process where the host runs it as PID 1, this session is root (units need it)
+# and desired rendered a unit for it (ROOT/units/NAME.service, fleet/systemd.py); installed as
+# /etc/systemd/system/fleet-NAME-$UH.service, enabled at boot. Everywhere else fleet's supervisor.
+systemd_host() { [ -d /run/systemd/system ] && [ "$(id -u)" = 0 ] && command -v systemctl >/dev/null 2>&1; }
+unit() { echo "fleet-$1-$UH.service"; }
+by_unit() { [ -f "$R/units/$1.service" ] && systemd_host; }
+installed() { [ -f "/etc/systemd/system/$(unit "$1")" ] && systemd_host; }
+unit_show() { timeout 20 systemctl show -p ActiveState -p SubState -p NRestarts "$(unit "$1")" 2>/dev/null; }
+unit_active() { case "$(unit_show "$1" | grep '^ActiveState=')" in *=active|*=activating|*=reloading|*=deactivating) return 0 ;; esac; return 1; }
 # alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "${3:-FLEET_PROC}=$R/$2"; }
 # Gone, or a zombie not yet reaped by the shell that started it.
@@ -40,11 +50,24 @@ procstate() {
   value "$R/run/$1.pid"; pid=$v; value "$R/run/$1.fp"; fp=$v
   if alive "$pid" "$1"; then a=1; else a=0; fi
   echo "%PROC% $1 ${pid:--} $a ${fp:--}"
+  if installed "$1"; then unitstate "$1"; return; fi
   # Its supervisor: alive or not, and the state line it keeps (state, restarts, last exit, ...).
   if supervised "$1"; then a=1; else a=0; fi
   value "$R/run/$1.state"; echo "%SUPERVISED% $1 $a $v"
 }
-# systemd as PID 1: there, units could keep fleet's processes (not installed yet: fleet's supervisor does).
+# The same line for a unit, from systemctl show and the ROOT/run/NAME.exit its ExecStopPost= writes
+# (`RESULT CODE STATUS TIME`): a unit waiting to restart is in backoff, one that failed for good is dead.
+unitstate() {
+  show=$(unit_show "$1"); active=$(echo "$show" | sed -n 's/^ActiveState=//p'); sub=$(echo "$show" | sed -n 's/^SubState=//p')
+  n=$(echo "$show" | sed -n 's/^NRestarts=//p'); a=1
+  case "$active/$sub" in
+    */auto-restart) st=backoff ;; active/*|activating/*|reloading/*) st=running ;; deactivating/*) st=stopping ;;
+    failed/*) st=dead; a=0 ;; *) st=stopped; a=0 ;;
+  esac
+  read -r _ code status at < "$R/run/$1.exit" 2>/dev/null || code=
+  case "$code" in exited) last="exit:$status" ;; killed|dumped) last="SIG$status" ;; *) last=-; at=- ;; esac
+  echo "%SUPERVISED% $1 $a state=$st supervisor=systemd unit=$(unit "$1") restarts=${n:-0} last_exit=$last last_exit_at=${at:--}"
+}
 report_init() { if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "%INIT% systemd"; else echo "%INIT% other"; fi; }
 listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/null; else ss -tnlp 2>/dev/null; fi; }
 report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
@@ -59,15 +82,23 @@ report_addresses() {
 # it; or, for a process an older fleet started without one, to the process itself. Whatever is
 # still there after the grace (and 5 s for a supervisor to reap) gets SIGKILL; a supervisor's
 # process dies with it.
+# A unit is stopped and disabled (it does not come back at boot either), every unit at once, by
+# systemctl within the grace and 15 s more; its main process, if still there then, gets SIGKILL.
 stop_procs() {
-  pids=
+  pids=; units=
   for name in "$@"; do
     pid=$(cat "$R/run/$name.pid" 2>/dev/null)
-    if supervised "$name"; then pid=$(cat "$R/run/$name.sup"); echo "$GRACE" > "$R/run/$name.stop"
-    else alive "$pid" "$name" || pid=; fi
-    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && pids="$pids $pid"
+    if installed "$name"; then
+      units="$units $(unit "$name")"; alive "$pid" "$name" && pids="$pids $pid"
+    else
+      if supervised "$name"; then pid=$(cat "$R/run/$name.sup"); echo "$GRACE" > "$R/run/$name.stop"
+      else alive "$pid" "$name" || pid=; fi
+      [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && pids="$pids $pid"
+    fi
     rm -f "$R/run/$name.pid" "$R/run/$name.fp" "$R/run/$name.hot" "$R/run/$name.started"
   done
+  # shellcheck disable=SC2086
+  [ -z "$units" ] || timeout $((GRACE + 15)) systemctl disable --now --quiet $units 2>/dev/null
   waited=0
   for pid in $pids; do
     while ! gone "$pid" && [ "$waited" -lt $((GRACE * 10 + 50)) ]; do sleep 0.1; waited=$((waited + 1)); done
@@ -89,15 +120,21 @@ remember() { echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"; e
 # one wait_listen waits for: a new Envoy epoch that dies hands NAME.pid back to the old epoch,
 # which must not pass for the new version.
 started() { printf '%s\n' "$2" | sed -n 's/.* spawned=\([0-9][0-9]*\).*/\1/p' > "$R/run/$1.started"; }
-# start_proc NAME FINGERPRINT COMMAND [HOT]: under fleet's supervisor ($SUP, run by the host's $PY):
+# start_proc NAME FINGERPRINT COMMAND [HOT]: as its systemd unit where it has one and systemd can
+# take it (by_unit, start_unit below); else under fleet's supervisor ($SUP, run by the host's $PY):
 # in a session of its own, with cwd $R and FLEET_PROC=$R/NAME, restarted whenever it exits; it
 # returns once run/NAME.pid names the process. HOT=1: with Envoy's hot restart (see restart_proc).
 # 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
 start_proc() {
   mark_start "$1" "$2" start
-  hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
-  state=$(FLEET_SUPERVISOR="$R/$1" "$PY" "$SUP" start "$R" "$1" --grace "$GRACE" ${hot:+"$hot"} -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-)
-  started "$1" "$state"; remember "$@"
+  if by_unit "$1"; then
+    start_unit "$1" "$log"; cat "$R/run/$1.pid" > "$R/run/$1.started" 2>/dev/null
+  else
+    hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
+    state=$(FLEET_SUPERVISOR="$R/$1" "$PY" "$SUP" start "$R" "$1" --grace "$GRACE" ${hot:+"$hot"} -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-)
+    started "$1" "$state"
+  fi
+  remember "$@"
 }
 # restart_proc NAME FINGERPRINT COMMAND [HOT]: the new version in place of the running one. HOT=1
 # (Envoy) under a supervisor started that way: its next epoch starts beside the running one, takes
@@ -111,6 +148,19 @@ restart_proc() {
     fi
   fi
   stop_procs "$1"; start_proc "$@"
+}
+# Installs the unit of process $1 (a copy: it must not depend on $R being there early at boot),
+# enables and (re)starts it without waiting on systemd's job; returns once run/$1.pid (its
+# ExecStartPost=) names the process, or after 10 s (wait_listen then says it exited).
+start_unit() {
+  u=$(unit "$1"); rm -f "$R/run/$1.pid"
+  if cp "$R/units/$1.service" "/etc/systemd/system/$u.tmp" && chmod 644 "/etc/systemd/system/$u.tmp" &&
+     mv -f "/etc/systemd/system/$u.tmp" "/etc/systemd/system/$u" && timeout 30 systemctl daemon-reload &&
+     timeout 30 systemctl enable --quiet "$u" && timeout 30 systemctl restart --no-block "$u"; then
+    waited=0; while ! running "$1" && [ "$waited" -lt 100 ]; do sleep 0.1; waited=$((waited + 1)); done
+  else
+    echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet could not install or start unit $u" >> "$2"
+  fi
 }
 # Is port $1 (in hex) listened on by pid $2? Read from /proc with shell builtins: netstat -p walks
 # every process of the machine, and each fork counts when a host starts many services at once.
@@ -192,6 +242,7 @@ def prelude(root):
     and the shared functions. Step scripts run inside a session, so they can use all of it."""
     # The prelude's functions are called by the steps that come after it (SC2317 cannot see that).
     return script(Raw("# shellcheck disable=SC2317"), assign("R", root), Raw(f"GRACE={int(STOP_GRACE_SECONDS)}"),
+                  assign("UH", systemd.root_digest(root)),
                   Raw("umask 077"), _PRELUDE)
 
 

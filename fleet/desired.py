@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from fleet import artifacts, inventory as inventory_module, render
+from fleet import artifacts, commands, inventory as inventory_module, render, systemd
 from fleet.errors import UsageError
 
 _LDS_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -228,9 +228,31 @@ def _process(state, label, task, args, task_files, where):
     hot_restart = args.get("hot_restart", False)
     if not isinstance(hot_restart, bool):
         raise UsageError(f"hot_restart must be true or false, not {hot_restart!r}", path=where, key=task.name)
+    files = tuple(f.path for f in dependencies)
+    # Where the host runs systemd, a unit keeps it; not a process with hot restarts, whose next
+    # epoch is its supervisor's job (a unit would take the old epoch's exit for a crash).
+    unit = None if hot_restart else _unit_file(state.host.root, label, args["name"], args["command"])
+    if unit is not None:
+        _add_files(state, [unit])
+        files += (unit.path,)
     state.processes.append(ProcessSpec(name=args["name"], task=label, command=args["command"],
-                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout,
-                                       files=tuple(f.path for f in dependencies), hot_restart=hot_restart))
+                                       fingerprint=fingerprint, ports=ports, start_timeout=timeout, files=files,
+                                       hot_restart=hot_restart))
+
+
+def _unit_file(root, label, name, command):
+    """The process's systemd unit (fleet/systemd.py), kept at ROOT/units/NAME.service on every
+    host. Where the host runs systemd and the session is root, starting the process installs it
+    (commands.py, start_proc); elsewhere it lies unused. A file the process restarts on: a changed
+    unit takes effect, and a failed start gets the previous one back with the previous command.
+    None where no unit can say it (a root with a space or a quote: systemd's path settings take
+    none): that process stays under fleet's supervisor."""
+    try:
+        text = systemd.process_unit(root, name, command, commands.STOP_GRACE_SECONDS).encode()
+    except systemd.UnitError:
+        return None
+    return FileSpec(task=label, path=posixpath.join(root, "units", f"{name}.service"),
+                    sha256=hashlib.sha256(text).hexdigest(), content=text, mode=0o600)
 
 
 def _content_file(label, path, content, secrets):

@@ -15,6 +15,7 @@ class Supervision:
     state: str  # running, backoff, stopping, stopped; dead: no supervisor lives; absent: none ever started
     restarts: int
     last_exit: str | None  # exit:N, SIGNAME, exec:ERROR; None before the first exit
+    keeper: str = "fleet"  # what restarts it: "fleet" (its supervisor) or "systemd" (its unit)
 
     @property
     def supervised(self):
@@ -139,7 +140,8 @@ def parse_supervision(rest):
     restarts = fields.get("restarts", "0")
     last_exit = fields.get("last_exit", "-")
     return Supervision(state=state, restarts=int(restarts) if restarts.isdigit() else 0,
-                       last_exit=None if last_exit == "-" else last_exit)
+                       last_exit=None if last_exit == "-" else last_exit,
+                       keeper="systemd" if fields.get("supervisor") == "systemd" else "fleet")
 
 
 def block(lines):

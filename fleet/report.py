@@ -48,6 +48,7 @@ def status_host(status):
         supervision = proc.supervision if proc else None
         processes.append({"name": name, "state": state, "pid": proc.pid if state == "running" else None,
                           "supervised": bool(supervision and supervision.supervised),
+                          "keeper": supervision.keeper if supervision else None,
                           "restarts": supervision.restarts if supervision else None,
                           "last_exit": supervision.last_exit if supervision else None,
                           "ports": _ports([c for c in status.ports if c.process == name]),

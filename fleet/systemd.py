@@ -2,12 +2,16 @@
 
 A unit does what fleet's supervisor (fleet/supervisor.py) does elsewhere, with the same files
 where they overlap: cwd ROOT, FLEET_PROC=ROOT/NAME in the environment (fleet's "is this pid ours"
-marker), output appended to ROOT/log/NAME.log, SIGTERM then SIGKILL after the grace period, a
+marker), ROOT/run/NAME.pid naming the running process, output appended to ROOT/log/NAME.log,
+SIGTERM then SIGKILL after the grace period, a
 restart after any exit that a stop did not ask for (Restart=always, as the supervisor: a server
 that exits 0 on its own is as gone as one that crashed), and enabled at boot
 (WantedBy=multi-user.target). Differences: systemd 252 (Debian 12) has no growing restart delay
 (RestartSteps= needs 254), so a crashing unit restarts every RestartSec= without giving up
 (StartLimitIntervalSec=0, like the supervisor's cap); and append: does not rotate the log.
+desired.py renders each process's unit to ROOT/units/NAME.service; the host scripts
+(commands.py: start_proc, stop_procs, procstate) install, stop and read it where the host runs
+systemd and the session is root (docs/operations.md, "systemd units").
 
 Every value goes through a quoting function for the syntax of its setting; a value that cannot
 be written safely (a newline, a control character, a relative path) raises UnitError.
@@ -70,12 +74,17 @@ def quote_text(value, what="text"):
     return _printable(value, what).strip().replace("%", "%%")
 
 
+def root_digest(root):
+    """What tells apart the units of two fleet roots on one host (tests run several)."""
+    return hashlib.sha256(root.encode()).hexdigest()[:8]
+
+
 def unit_name(root, name):
-    """fleet-NAME-HASH.service: HASH tells apart the roots on one host (tests run several)."""
+    """fleet-NAME-HASH.service, HASH = root_digest(root). The host scripts (commands.py) name a
+    unit the same way from $UH."""
     if not NAME.match(name or ""):
         raise UnitError(f"process name: letters, digits and _.- only, got {name!r}")
-    digest = hashlib.sha256(root.encode()).hexdigest()[:8]
-    return f"fleet-{name}-{digest}.service"
+    return f"fleet-{name}-{root_digest(root)}.service"
 
 
 def _seconds(value, what):
@@ -84,15 +93,29 @@ def _seconds(value, what):
     return f"{value:g}"
 
 
-def render_unit(root, name, command, *, user=None, grace=15, restart_sec=5, environment=None):
+# Run by systemd around the service (as `sh -c SCRIPT sh ARGS`): the files fleet's host scripts read
+# for every process, whoever keeps it. ROOT/run/NAME.pid names the main pid while it runs (what
+# wait_listen and the FLEET_PROC check read); ROOT/run/NAME.exit records how it last ended
+# (`RESULT CODE STATUS TIME`, from systemd's $SERVICE_RESULT $EXIT_CODE $EXIT_STATUS), which
+# `systemctl show` forgets once the restarted process runs.
+_PID_SCRIPT = 'echo "$MAINPID" > "$1"'
+_EXIT_SCRIPT = 'rm -f "$1"; echo "$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$2"'
+
+
+def _exec_line(words, what):
+    return " ".join(quote_word(arg, f"{what} word {i}", exec_line=True) for i, arg in enumerate(words))
+
+
+def render_unit(root, name, command, *, user=None, grace=15, restart_sec=1, environment=None):
     """The text of the unit that runs `command` (a list: executable and arguments) as process
-    NAME of the fleet root ROOT."""
+    NAME of the fleet root ROOT. restart_sec: 1, the supervisor's first restart delay."""
     unit_name(root, name)
     root = _absolute(root, "root").rstrip("/") or "/"
     if not command:
         raise UnitError("command: expected at least an executable")
     _absolute(command[0], "executable")  # no PATH lookup, and no Exec prefix such as "-" or "+"
-    words = [quote_word(arg, f"command word {i}", exec_line=True) for i, arg in enumerate(command)]
+    pid_file = f"{root}/run/{name}.pid"
+    exit_file = f"{root}/run/{name}.exit"
     env = {"FLEET_PROC": f"{root}/{name}"}
     for key, value in (environment or {}).items():
         if not ENV_KEY.match(key) or key == "FLEET_PROC":
@@ -108,7 +131,9 @@ def render_unit(root, name, command, *, user=None, grace=15, restart_sec=5, envi
         "",
         "[Service]",
         "Type=exec",
-        f"ExecStart={' '.join(words)}",
+        f"ExecStart={_exec_line(command, 'command')}",
+        f"ExecStartPost={_exec_line(['/bin/sh', '-c', _PID_SCRIPT, 'sh', pid_file], 'ExecStartPost')}",
+        f"ExecStopPost={_exec_line(['/bin/sh', '-c', _EXIT_SCRIPT, 'sh', pid_file, exit_file], 'ExecStopPost')}",
         f"WorkingDirectory={quote_path(root, 'root')}",
         *[f"Environment={quote_word(f'{key}={value}', f'environment {key}')}" for key, value in env.items()],
         "UMask=0077",
@@ -125,3 +150,9 @@ def render_unit(root, name, command, *, user=None, grace=15, restart_sec=5, envi
         lines.append(f"User={user}")
     lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
     return "\n".join(lines)
+
+
+def process_unit(root, name, command, grace):
+    """The unit of one of fleet's processes: `command` is a shell command line, run as fleet's
+    supervisor runs it (`sh -c 'exec COMMAND'`), stopped with the same grace."""
+    return render_unit(root, name, ["/bin/sh", "-c", f"exec {command}"], grace=grace)

@@ -188,8 +188,10 @@ def status_report(console, statuses, views, not_checked=None):
     console.print(table)
     for status in statuses:
         if status.systemd:
-            console.print(Text.assemble(("- ", "dim"), f"{status.host} runs systemd; fleet's supervisor keeps its "
-                                                       "processes (units are not installed yet: docs/operations.md)"))
+            units = sorted(n for n, p in status.procs.items() if p and p.supervision and p.supervision.keeper == "systemd")
+            console.print(Text.assemble(("- ", "dim"), f"{status.host} runs systemd; "
+                                        + (f"units keep {', '.join(units)}, " if units else "no units of fleet's, ")
+                                        + "fleet's supervisor the rest (docs/operations.md)"))
     for service, view in views.items():
         if isinstance(view, str):
             console.print(Text.assemble(("✗ ", "red"), f"{service} Envoy: {view}"))

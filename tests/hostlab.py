@@ -6,6 +6,7 @@ removed by the names it was created with."""
 import fcntl
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ class LabHost:
     address: str
     srv: str  # the host's private /srv, as seen from the controller
     sshd: subprocess.Popen = None
+    init: subprocess.Popen = None  # systemd=True: `unshare` holding the host's systemd (PID 1 inside)
 
 
 def host_python():
@@ -67,11 +69,13 @@ def _run(*cmd):
 
 
 class HostLab:
-    def __init__(self, count, lab_id=None, max_startups="200:30:400", plain_user=False, sudo=False, setenv=None):
+    def __init__(self, count, lab_id=None, max_startups="200:30:400", plain_user=False, sudo=False, setenv=None,
+                 systemd=False):
         """plain_user: fleet logs in as a user of this lab whose shell is /bin/sh (no login-shell
         tax, no root), with /srv/fleet its own on every host; sudo: that user may sudo without a
         password; setenv: {host name: {VARIABLE: value}} that host's sshd sets for every login
-        (sshd's SetEnv: PATH too)."""
+        (sshd's SetEnv: PATH too); systemd: every host runs a real systemd as PID 1 of its own PID
+        namespace, and its sshd runs beside it there ("systemd hosts" below)."""
         # FLEET_LAB_ID: an id of its own for each checkout that runs tests on this machine at once.
         if lab_id is None:
             lab_id = int(os.environ["FLEET_LAB_ID"]) if os.environ.get("FLEET_LAB_ID") else os.getpid() % 200 + 20
@@ -92,6 +96,7 @@ class HostLab:
         self.python = host_python() if plain_user else sys.executable
         self.setenv = setenv or {}
         self._user_created = False
+        self.systemd = systemd
 
     # -- setup -------------------------------------------------------------------------------
     def __enter__(self):
@@ -121,6 +126,8 @@ class HostLab:
             self.hosts.append(self._create_host(i))
         self._write_known_hosts()
         for host in self.hosts:
+            if self.systemd:
+                self._boot(host)
             self._start_sshd(host)
         self.wait_ready()
 
@@ -196,6 +203,8 @@ LogLevel VERBOSE
 
     def _start_sshd(self, host):
         config = self._sshd_config(host)
+        if self.systemd:
+            return self._start_sshd_beside_systemd(host, config)
         # A private mount namespace per host, with its own directory over /srv: what fleet puts
         # under /srv on one host is invisible to the others, as on separate machines.
         script = f"mount --bind {host.srv} /srv && exec /usr/sbin/sshd -D -e -f {config}"
@@ -225,14 +234,145 @@ LogLevel VERBOSE
                         raise LabError(f"sshd on {host.name} ({host.address}) did not come up")
                     time.sleep(0.05)
 
+    # -- systemd hosts -----------------------------------------------------------------------
+    # systemd=True: the machine's own /lib/systemd/systemd runs as PID 1 of a PID, mount, UTS, IPC
+    # and cgroup namespace inside the host's network namespace, in a cgroup of its own
+    # (fleet-lab-NAMESPACE in the name=systemd and the cgroup2 hierarchy; the cgroup namespace
+    # makes that its root). Its /run and /var/lib/systemd are private tmpfs, its
+    # /etc/systemd/system a directory of the host's own (kept across reboot()), and it sees no
+    # unit of the machine: SYSTEMD_UNIT_PATH holds only that directory and a few empty targets, and
+    # no generator runs. So it boots in milliseconds, starts nothing but what is enabled there,
+    # and touches nothing of the machine (no sysctl, no tmpfiles, no journal). The host's sshd is
+    # started inside the same namespaces (nsenter), so a login sees /run/systemd/system and its
+    # systemctl talks to this systemd; pids in a host's files are pids of its PID namespace.
+    SYSTEMD_TARGETS = ("default", "multi-user", "basic", "sysinit", "sockets", "timers", "paths", "slices",
+                       "local-fs", "network", "network-online", "shutdown", "umount", "final", "halt",
+                       "poweroff", "reboot", "exit", "emergency", "rescue")
+
+    def _cgroups(self, host):
+        return [f"/sys/fs/cgroup/{h}/fleet-lab-{host.namespace}" for h in ("systemd", "unified")]
+
+    def _boot(self, host, timeout=20):
+        base = os.path.join(self.dir, host.namespace)
+        units, etc, empty = (os.path.join(base, d) for d in ("units", "etc-systemd-system", "generators"))
+        if not os.path.isdir(units):
+            for d in (units, etc, empty):
+                os.makedirs(d)
+            for target in self.SYSTEMD_TARGETS:
+                with open(os.path.join(units, f"{target}.target"), "w") as f:
+                    f.write(f"[Unit]\nDescription={target} (lab host: empty)\nDefaultDependencies=no\n"
+                            "AllowIsolate=yes\n")
+            with open(os.path.join(units, "default.target"), "w") as f:
+                f.write("[Unit]\nDescription=default (lab host)\nRequires=multi-user.target\n"
+                        "After=multi-user.target\nAllowIsolate=yes\n")
+            with open(os.path.join(units, "system.slice"), "w") as f:
+                f.write("[Unit]\nDescription=System Slice\nDefaultDependencies=no\n")
+        q = shlex.quote
+        inner = "; ".join([
+            "set -e",
+            "mount -t tmpfs -o mode=755 tmpfs /run", "mkdir -p /run/sshd",
+            f"mount --bind {q(etc)} /etc/systemd/system", "mount -t tmpfs -o mode=755 tmpfs /var/lib/systemd",
+            f"mount --bind {q(host.srv)} /srv",
+            "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup", "mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified",
+            "mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd",
+            "mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified",
+            f"exec env container=fleet-test SYSTEMD_UNIT_PATH={q('/etc/systemd/system:' + units)} "
+            f"SYSTEMD_GENERATOR_PATH={q(empty)} SYSTEMD_ENVIRONMENT_GENERATOR_PATH={q(empty)} "
+            "/lib/systemd/systemd --system --log-target=kmsg --log-level=warning",
+        ])
+        # set -e: systemd must never start outside its cgroup (it would take the hierarchy's root).
+        outer = "; ".join(["set -e", *[f"mkdir -p {q(cg)}; echo $$ > {q(cg)}/cgroup.procs" for cg in self._cgroups(host)],
+                           f"exec nsenter --net=/run/netns/{q(host.namespace)} unshare --pid --fork --mount "
+                           f"--uts --ipc --cgroup --mount-proc --propagation private sh -c {q(inner)}"])
+        log = open(os.path.join(base, "init.log"), "a")
+        host.init = subprocess.Popen(["sh", "-c", outer], stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            if host.init.poll() is not None:
+                raise LabError(f"systemd on {host.name} exited: see {base}/init.log and dmesg")
+            if self._pid1(host):
+                state = subprocess.run(self._enter(host, "systemctl", "is-system-running"), capture_output=True,
+                                       text=True, timeout=10).stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+            time.sleep(0.05)
+        raise LabError(f"systemd on {host.name} did not come up (state {state!r}): see {base}/init.log")
+
+    @staticmethod
+    def _pid1(host):
+        """The host's systemd, as a pid of this machine: unshare's only child."""
+        try:
+            with open(f"/proc/{host.init.pid}/task/{host.init.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def _enter(self, host, *cmd):
+        return ["nsenter", "-t", str(self._pid1(host)), "-m", "-p", "-u", "-i", "-n", *cmd]
+
+    def _start_sshd_beside_systemd(self, host, config):
+        log = open(os.path.join(self.dir, host.namespace, "sshd.log"), "w")
+        host.sshd = subprocess.Popen(self._enter(host, "/usr/sbin/sshd", "-D", "-e", "-f", config), stdout=log,
+                                     stderr=log, start_new_session=True)
+
+    def _halt(self, host, timeout=10):
+        """Everything of a systemd host ends at once: SIGKILL to its PID 1 ends its PID namespace."""
+        pid1 = self._pid1(host)
+        if pid1:
+            try:
+                os.kill(pid1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in (host.init, host.sshd):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        # The cgroups systemd made, deepest first, once their processes are gone.
+        deadline = time.monotonic() + timeout
+        for cgroup in self._cgroups(host):
+            for top, _, _ in sorted(os.walk(cgroup), key=lambda w: -w[0].count("/")):
+                while True:
+                    try:
+                        os.rmdir(top)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.05)
+
+    def reboot(self, name):
+        """A systemd host goes down hard (power cut: SIGKILL to everything in it) and boots again:
+        its /srv and /etc/systemd/system stay, everything else is new."""
+        host = self.host(name)
+        self._halt(host)
+        self._boot(host)
+        self._start_sshd(host)
+        self.wait_ready()
+
+    def systemctl(self, name, *args, check=False):
+        """`systemctl ARGS` on a systemd host, as its root sees it: (exit code, stdout)."""
+        proc = subprocess.run(self._enter(self.host(name), "systemctl", *args), capture_output=True, text=True,
+                              timeout=30)
+        if check and proc.returncode != 0:
+            raise LabError(f"systemctl {' '.join(args)} on {name}: {proc.stderr.strip()}")
+        return proc.returncode, proc.stdout
+
     # -- use ---------------------------------------------------------------------------------
     def host(self, name):
         return next(h for h in self.hosts if h.name == name)
 
     def exec(self, name, *cmd, check=True):
-        """Runs a command inside a host's network namespace (for tests: kill, inspect)."""
-        proc = subprocess.run(["ip", "netns", "exec", self.host(name).namespace, *cmd], capture_output=True,
-                              text=True)
+        """Runs a command inside a host's network namespace (for tests: kill, inspect); on a
+        systemd host inside all its namespaces, so the pids in its files mean what they say."""
+        host = self.host(name)
+        argv = self._enter(host, *cmd) if self.systemd else ["ip", "netns", "exec", host.namespace, *cmd]
+        proc = subprocess.run(argv, capture_output=True, text=True)
         if check and proc.returncode != 0:
             raise LabError(f"{cmd} on {name}: {proc.stderr.strip()}")
         return proc.stdout
@@ -280,6 +420,8 @@ LogLevel VERBOSE
     # -- teardown ----------------------------------------------------------------------------
     def destroy(self):
         for host in self.hosts:
+            if self.systemd and host.init is not None:
+                self._halt(host)
             # Everything started inside the namespace: sshd and what fleet started through it.
             pids = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout
             for pid in pids.split():

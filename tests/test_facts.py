@@ -2,6 +2,8 @@
 
 import base64
 
+import pytest
+
 from fleet import facts, verify
 from fleet.desired import HostState, ProcessSpec
 
@@ -116,3 +118,23 @@ def test_envoy_clusters_view():
     assert [(e.address, e.healthy, e.rq_total) for e in endpoints] == [
         ("10.213.56.10:7073", True, 12), ("10.213.56.11:7073", False, 11)]
     assert endpoints[1].health_flags == "/failed_active_hc"
+
+
+@pytest.mark.parametrize("line, state, restarts, last_exit, keeper", [
+    # fleet's supervisor (ROOT/run/NAME.state) and a systemd unit (procstate's unitstate) say the same things
+    ("inference 1 name=inference state=running supervisor=812 pid=813 restarts=2 last_exit=SIGKILL",
+     "running", 2, "SIGKILL", "fleet"),
+    ("inference 1 state=running supervisor=systemd unit=fleet-inference-9b69a74c.service restarts=1 "
+     "last_exit=SIGKILL last_exit_at=2026-11-28T03:31:35Z", "running", 1, "SIGKILL", "systemd"),
+    ("inference 1 state=backoff supervisor=systemd unit=u restarts=7 last_exit=exit:1 last_exit_at=-",
+     "backoff", 7, "exit:1", "systemd"),
+    ("inference 0 state=stopped supervisor=systemd unit=u restarts=0 last_exit=exit:0 last_exit_at=-",
+     "stopped", 0, "exit:0", "systemd"),
+    ("inference 0 state=dead supervisor=systemd unit=u restarts=0 last_exit=- last_exit_at=-",
+     "dead", 0, None, "systemd"),
+    ("inference 0 ", "absent", 0, None, "fleet"),
+])
+def test_supervision_lines_of_the_supervisor_and_of_a_unit(line, state, restarts, last_exit, keeper):
+    supervision = facts.parse_supervision(line)
+    assert (supervision.state, supervision.restarts, supervision.last_exit, supervision.keeper) == (
+        state, restarts, last_exit, keeper)

@@ -334,17 +334,36 @@ def test_a_switch_killed_mid_way_is_rolled_back_by_the_next_run(root):
 
 @pytest.mark.parametrize("systemd_pid1, expected", [(True, True), (False, False)])
 def test_the_facts_step_tells_hosts_that_run_systemd(root, tmp_path, systemd_pid1, expected):
-    """systemd as PID 1 is told by /run/systemd/system and a systemctl on PATH. This machine has
-    neither as a systemd host would: a private mount namespace with /run on a tmpfs fakes it."""
+    """systemd as PID 1 is told by /run/systemd/system and a systemctl on PATH."""
+    out = run_as_if_systemd(root, tmp_path, systemd_pid1, "report_init")
+    assert out.returncode == 0, out.stderr
+    assert facts.parse(out.stdout).systemd is expected
+
+
+def run_as_if_systemd(root, tmp_path, systemd_pid1, body):
+    """The prelude and `body` under dash, where /run/systemd/system exists if systemd_pid1 and a
+    systemctl is on PATH. This machine has neither as a systemd host would: a private mount
+    namespace with /run on a tmpfs fakes it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "systemctl").chmod(0o755)
-    script = tmp_path / "facts.sh"
-    script.write_text(commands.prelude(root) + "report_init\n")
+    script = tmp_path / "script.sh"
+    script.write_text(commands.prelude(root) + body + "\n")
     setup = "mount -t tmpfs tmpfs /run && " + ("mkdir -p /run/systemd/system && " if systemd_pid1 else "")
-    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                          f'{setup}PATH="$1:$PATH" exec dash "$2"', "sh", str(bin_dir), str(script)],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    assert facts.parse(out.stdout).systemd is expected
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f'{setup}PATH="$1:$PATH" exec dash "$2"', "sh", str(bin_dir), str(script)],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("systemd_pid1, unit_file, expected", [
+    (True, True, "unit"), (True, False, "supervisor"), (False, True, "supervisor")])
+def test_a_process_runs_as_a_unit_only_where_systemd_can_take_it(root, tmp_path, systemd_pid1, unit_file, expected):
+    """start_proc's choice (`by_unit`): a unit for the process (ROOT/units/NAME.service) and a
+    host that runs systemd, as root here (tests/test_systemd_hosts.py runs both kinds of login
+    on real systemd hosts)."""
+    if unit_file:
+        os.makedirs(os.path.join(root, "units"))
+        open(os.path.join(root, "units", "svc.service"), "w").close()
+    out = run_as_if_systemd(root, tmp_path, systemd_pid1, "if by_unit svc; then echo unit; else echo supervisor; fi")
+    assert (out.returncode, out.stdout) == (0, expected + "\n"), out.stderr

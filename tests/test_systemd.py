@@ -66,11 +66,26 @@ def test_a_rendered_unit_has_the_supervisors_contract():
                                user="fleet", grace=12)
     lines = text.splitlines()
     for line in ["Type=exec", "WorkingDirectory=/srv/fleet", 'Environment="FLEET_PROC=/srv/fleet/inference"',
-                 "StandardOutput=append:/srv/fleet/log/inference.log", "Restart=always", "RestartSec=5",
+                 "StandardOutput=append:/srv/fleet/log/inference.log", "Restart=always", "RestartSec=1",
                  "KillSignal=SIGTERM", "TimeoutStopSec=12", "User=fleet", "StartLimitIntervalSec=0",
                  "WantedBy=multi-user.target"]:
         assert line in lines
     assert f'ExecStart="{sys.executable}" "-m" "fleet.services" "inference"' in lines
+    # The files fleet's host scripts read, whoever keeps the process: the pid while it runs, how it last ended.
+    assert 'ExecStartPost="/bin/sh" "-c" "echo \\"$$MAINPID\\" > \\"$$1\\"" "sh" "/srv/fleet/run/inference.pid"' in lines
+    assert ('ExecStopPost="/bin/sh" "-c" "rm -f \\"$$1\\"; echo \\"$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS '
+            '$$(date -u +%%Y-%%m-%%dT%%H:%%M:%%SZ)\\" > \\"$$2\\"" "sh" "/srv/fleet/run/inference.pid" '
+            '"/srv/fleet/run/inference.exit"') in lines
+
+
+def test_the_host_scripts_name_units_as_fleet_does(tmp_path):
+    """The prelude's `unit` (what start/stop/status ask systemctl about) and systemd.unit_name
+    agree, for an ordinary and a hostile root."""
+    for root in ["/srv/fleet", "/srv/my fleet $(x) 'q\" ;"]:
+        script = tmp_path / "unit.sh"
+        script.write_text(commands.prelude(root) + "unit inference\n")
+        out = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=10)
+        assert out.stdout == systemd.unit_name(root, "inference") + "\n", out.stderr
 
 
 def test_systemd_accepts_units_with_hostile_values_without_a_warning(tmp_path):
@@ -94,15 +109,31 @@ def test_unit_names_tell_roots_apart():
 
 
 def test_units_for_fleets_own_processes_pass_systemd_analyze(tmp_path):
-    """The units fleet would install on a host that runs systemd: each process of the seed
-    inventory (backends and Envoy), run as the supervisor runs it (`sh -c 'exec COMMAND'`, the
-    stop grace). Checked here; this machine has no systemd as PID 1 to run them."""
+    """The units desired renders for every process of the seed inventory (ROOT/units/NAME.service,
+    what start_proc installs where the host runs systemd): each runs the process as the
+    supervisor runs it (`sh -c 'exec COMMAND'`, the stop grace), restarts it when it changes,
+    and passes systemd-analyze. Envoy has none (hot_restart: its epochs are the supervisor's job)."""
     inv = load_inventory(os.path.join(REPO, "inventory", "seed.yaml"))
     states = desired.compile_services(inv, list(inv.services.values()), project())
-    processes = [(state.host.root, p) for state in states.values() for p in state.processes]
+    processes = [(state, p) for state in states.values() for p in state.processes]
     assert {p.name for _, p in processes} >= {"inference", "envoy-inference"}
-    for root, process in processes:
+    for state, process in processes:
+        root = state.host.root
+        path = f"{root}/units/{process.name}.service"
+        units = [f for f in state.files if f.path == path]
+        if process.hot_restart:
+            assert units == [] and path not in process.files
+            continue
+        (spec,) = units
+        assert spec.content.decode() == systemd.process_unit(root, process.name, process.command,
+                                                             commands.STOP_GRACE_SECONDS)
+        assert path in process.files and spec.mode == 0o600
         unit = systemd.unit_name(root, process.name)
-        text = systemd.render_unit(root, process.name, ["/bin/sh", "-c", f"exec {process.command}"],
-                                   grace=commands.STOP_GRACE_SECONDS)
-        assert verify(tmp_path, text, name=unit) == (0, ""), unit
+        assert verify(tmp_path, spec.content.decode(), name=unit) == (0, ""), unit
+
+
+def test_a_root_no_unit_can_carry_keeps_its_processes_under_the_supervisor():
+    """systemd's path settings take no space or quote: such a root gets no unit, and its
+    processes run under fleet's supervisor on any host."""
+    assert desired._unit_file("/srv/my fleet", "t", "inference", "/bin/true") is None
+    assert desired._unit_file("/srv/fleet", "t", "inference", "/bin/true").path == "/srv/fleet/units/inference.service"
