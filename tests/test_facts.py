@@ -138,3 +138,10 @@ def test_supervision_lines_of_the_supervisor_and_of_a_unit(line, state, restarts
     supervision = facts.parse_supervision(line)
     assert (supervision.state, supervision.restarts, supervision.last_exit, supervision.keeper) == (
         state, restarts, last_exit, keeper)
+
+
+def test_the_facts_step_reports_each_services_current_release():
+    """An unchanged deploy records no release where every service has one: the facts say which."""
+    report = facts.parse("@@current inference 1795836633-14844\n@@current recommender 1795836000-1\n")
+    assert report.releases == {"inference": "1795836633-14844", "recommender": "1795836000-1"}
+    assert facts.parse("").releases == {}
