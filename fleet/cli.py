@@ -12,9 +12,7 @@ import getpass
 import os
 import sys
 import time
-from importlib import metadata
 
-import argcomplete
 
 from fleet import __version__ as source_version
 from fleet import (artifacts, connection, desired, inventory, project, releases, report, rollout, runner, ui, validate,
@@ -32,15 +30,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def version():
+    from importlib import metadata  # ~20 ms to import: only for --version
+
     try:
         return metadata.version("fleet")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
         return source_version
 
 
+class _Version(argparse.Action):
+    """--version, reading the installed version only when asked."""
+
+    def __init__(self, option_strings, dest, **_):
+        super().__init__(option_strings, dest, nargs=0, help="show fleet's version and exit")
+
+    def __call__(self, parser, *_):
+        print(f"fleet {version()}")
+        parser.exit()
+
+
 def build_parser():
     parser = _Parser(prog="fleet", description="Deploy the gRPC serving stack behind Envoy over SSH.")
-    parser.add_argument("--version", action="version", version=f"fleet {version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     targets = _Parser(add_help=False)  # every command that acts on an inventory's hosts
@@ -101,7 +112,10 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    argcomplete.autocomplete(parser)
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (argcomplete costs ~20 ms to import)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     box = _FleetBox()
     try:
         args = parser.parse_args(argv)
@@ -384,6 +398,8 @@ def cmd_init(args, console, fleet_box):
 
 
 def cmd_completion(args, console, fleet_box):
+    import argcomplete
+
     sys.stdout.write(argcomplete.shellcode(["fleet"], shell=args.shell))
     return EXIT_OK
 
