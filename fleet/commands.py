@@ -64,7 +64,7 @@ unitstate() {
     */auto-restart) st=backoff ;; active/*|activating/*|reloading/*) st=running ;; deactivating/*) st=stopping ;;
     failed/*) st=dead; a=0 ;; *) st=stopped; a=0 ;;
   esac
-  read -r _ code status at < "$R/run/$1.exit" 2>/dev/null || code=
+  read -r _ code status at 2>/dev/null < "$R/run/$1.exit" || code=
   case "$code" in exited) last="exit:$status" ;; killed|dumped) last="SIG$status" ;; *) last=-; at=- ;; esac
   echo "%SUPERVISED% $1 $a state=$st supervisor=systemd unit=$(unit "$1") restarts=${n:-0} last_exit=$last last_exit_at=${at:--}"
 }
@@ -98,7 +98,8 @@ stop_procs() {
     rm -f "$R/run/$name.pid" "$R/run/$name.fp" "$R/run/$name.hot" "$R/run/$name.started"
   done
   # shellcheck disable=SC2086
-  [ -z "$units" ] || timeout $((GRACE + 15)) systemctl disable --now --quiet $units 2>/dev/null
+  [ -z "$units" ] || timeout $((GRACE + 15)) systemctl disable --now --quiet $units 2>/dev/null ||
+    echo "%FAIL% ${units# } systemctl could not stop and disable the unit(s):$units"
   waited=0
   for pid in $pids; do
     while ! gone "$pid" && [ "$waited" -lt $((GRACE * 10 + 50)) ]; do sleep 0.1; waited=$((waited + 1)); done
@@ -127,7 +128,8 @@ started() { printf '%s\n' "$2" | sed -n 's/.* spawned=\([0-9][0-9]*\).*/\1/p' > 
 # 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
 start_proc() {
   mark_start "$1" "$2" start
-  if by_unit "$1"; then
+  # Envoy (HOT=1) stays with fleet's supervisor: its epochs are the supervisor's to hand over.
+  if [ "${4:-0}" != 1 ] && by_unit "$1"; then
     start_unit "$1" "$log"; cat "$R/run/$1.pid" > "$R/run/$1.started" 2>/dev/null
   else
     hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
@@ -212,6 +214,14 @@ save_previous() {
 }
 restore() { [ ! -f "$J/previous/$1" ] || mv -f "$J/previous/$1" "$2"; }
 # Starts the previous version of process $1 again (its files were restored), if there was one.
+# The pid the last start of $1 began, ended (SIGTERM, SIGKILL after the grace): a new Envoy epoch
+# that did not come up in time must not take the listeners over later, after the rollback.
+end_started() {
+  value "$R/run/$1.started"; alive "$v" "$1" || return 0
+  kill -TERM "$v" 2>/dev/null; w=0
+  while ! gone "$v" && [ "$w" -lt $((GRACE * 10)) ]; do sleep 0.1; w=$((w + 1)); done
+  gone "$v" || kill -KILL "$v" 2>/dev/null
+}
 start_previous() {
   [ -f "$J/previous/$1.cmd" ] || return 1
   restart_proc "$1" "$(cat "$J/previous/$1.fp")" "$(cat "$J/previous/$1.cmd")" "$(cat "$J/previous/$1.hot" 2>/dev/null)"
@@ -438,6 +448,7 @@ def _switch(plan, txid):
             line(Raw("  echo"), f"{P.STEP} {proc.task} {P.Status.CHANGED}"),
             Raw("else"),
             line(Raw("  failed=1; log_tail"), proc.name),
+            *([line(Raw("  end_started"), proc.name)] if proc.hot_restart else []),
             *[Raw(f"  {r}") for r in restores],
             Raw(f"  if start_previous {line(proc.name)}; then"),
             Raw(f"    if {wait} >/dev/null; then echo {line(f'{P.ROLLED_BACK} {proc.name}')}; "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 
 from fleet import connection
-from fleet.artifacts import file_sha256, fill_once, last_line as _last
+from fleet.artifacts import cache_dir, file_sha256, fill_once, last_line as _last
 from fleet.protocol import PLATFORM, VENV, WHEELS
 from fleet.shell import Raw, line, script
 
@@ -151,16 +151,12 @@ def requirements():
     return sorted(r for r in required if "extra ==" not in r)
 
 
-def cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fleet", "wheels")
-
-
 def wheelhouse(platform, download=None):
     """Wheels of the services' dependencies for `platform`, fetched once into the cache
     (~/.cache/fleet/wheels/TAG-cpXY-HASH) and reused by every later run and host."""
     reqs = requirements()
     key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
-    directory = os.path.join(cache_dir(), f"{platform.tag}-{platform.python}-{key}")
+    directory = os.path.join(cache_dir(), "wheels", f"{platform.tag}-{platform.python}-{key}")
     fill_once(directory, lambda d: (download or _pip_download)(platform, reqs, d))
     paths = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".whl")]
     return [Wheel(source=p, name=f"{file_sha256(p)[:16]}-{os.path.basename(p)}") for p in paths]

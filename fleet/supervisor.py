@@ -1,4 +1,5 @@
-"""Keeps one service process alive on a host without systemd; pushed to hosts like an artifact.
+"""Keeps one service process alive on a host: everywhere fleet cannot use systemd, and for Envoy
+(hot restart) everywhere; pushed to hosts like an artifact.
 
 Standard library only, Python 3.9+: it runs with the host's python3, where fleet is not installed.
 
@@ -23,14 +24,17 @@ Restart=always: the first after --backoff-min seconds, then doubling up to --bac
 the process keeps exiting within --stable seconds of its start; a run of --stable seconds or
 more resets the delay.
 
-With --hot-restart (Envoy), the child's environment also carries FLEET_RESTART_EPOCH and
-FLEET_BASE_ID for its `--restart-epoch` and `--base-id`, and `reload` replaces the child without a
-moment in which nothing serves: the supervisor starts COMMAND as the next epoch beside the running
-one, which hands its listening sockets over and exits by itself once drained. The exit of such a
-retiring epoch is expected, not a crash. If the new epoch exits while an older one still lives (it
-could not take over), the older one is the child again. A crash with no older epoch alive restarts
-at epoch 0. The base id is derived from the host's network and mount namespaces, ROOT and NAME:
-Envoy names its shared memory in /dev/shm after it, and two Envoys on one machine must differ.
+With --hot-restart (Envoy), the child's environment also carries FLEET_RESTART_EPOCH,
+FLEET_BASE_ID and FLEET_HOT_RESTART_SOCKET for its `--restart-epoch`, `--base-id` and
+`--socket-path`, and `reload` replaces the child without a moment in which nothing serves: the
+supervisor starts COMMAND as the next epoch beside the running one, which hands its listening
+sockets over and exits by itself once drained. The exit of such a retiring epoch is expected, not
+a crash. If the new epoch exits while an older one still holds its listeners (it never took
+them over), the older one is the child again, with its command; if the older one had handed them
+over, it is ended and the process starts afresh. A crash with no older epoch alive restarts at
+epoch 0. Each epoch 0 gets a new random base id (Envoy names its /dev/shm region after it, and
+/dev/shm is shared by every Envoy on the machine); the hot-restart sockets are files under
+ROOT/run, which only this user reaches.
 
 The child's stdout and stderr go through a pipe to ROOT/log/NAME.log (mode 0640), rotated by
 size: NAME.log.1 .. NAME.log.K hold the older output. Supervisor events are lines starting with
@@ -56,8 +60,10 @@ import argparse
 import ctypes
 import datetime
 import errno
+import glob
 import os
 import re
+import secrets
 import selectors
 import shlex
 import signal
@@ -138,6 +144,7 @@ class Paths:
         self.state = os.path.join(self.run_dir, f"{name}.state")
         self.stop = os.path.join(self.run_dir, f"{name}.stop")
         self.next = os.path.join(self.run_dir, f"{name}.next")
+        self.hot_restart = os.path.join(self.run_dir, f"{name}.hot-restart")  # Envoy adds _parent_ID ...
         self.log = os.path.join(self.log_dir, f"{name}.log")
         self.proc_marker = f"FLEET_PROC={root}/{name}"
         self.sup_marker = f"FLEET_SUPERVISOR={root}/{name}"
@@ -225,19 +232,53 @@ def _pdeathsig_setter():
     return preexec
 
 
-def base_id(root, name):
-    """Envoy's --base-id for ROOT/NAME on this machine: from the network and mount namespaces
-    (namespace hosts share one /dev/shm), ROOT and NAME; never 0, Envoy's default."""
-    import hashlib
+def new_base_id():
+    """Envoy's --base-id for a new run of epochs (epoch 0): random, so that neither another Envoy
+    on the machine (namespace hosts share one /dev/shm) nor a local user who would plant its
+    shared-memory file can know it beforehand; never 0, Envoy's default."""
+    return secrets.randbelow(BASE_IDS - 1) + 1
 
-    spaces = []
-    for space in ("net", "mnt"):
+
+def shared_memory(base):
+    """The file Envoy leaves in /dev/shm for its hot-restart region of base id `base`."""
+    return f"/dev/shm/envoy_shared_memory_{base * 10}"
+
+
+def remove_quietly(paths):
+    for path in paths:
         try:
-            spaces.append(os.readlink(f"/proc/self/ns/{space}"))
+            os.unlink(path)
         except OSError:
-            spaces.append("-")
-    digest = hashlib.sha256("\0".join([*spaces, root, name]).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (BASE_IDS - 1) + 1
+            pass
+
+
+def listening_inodes():
+    """Socket inodes of every TCP socket in LISTEN state in this network namespace."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A":
+                        inodes.add(fields[9])
+        except OSError:
+            pass
+    return inodes
+
+
+def holds_listener(pid):
+    """Does process `pid` hold a listening TCP socket? An Envoy epoch that handed its listeners
+    over and drains holds none."""
+    listening = listening_inodes()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:[") and target[8:-1] in listening:
+                return True
+    except OSError:
+        pass
+    return False
 
 
 class Supervisor:
@@ -246,7 +287,7 @@ class Supervisor:
         self.log = RotatingLog(paths.log, options.log_max_bytes, options.log_keep)
         self.child = None  # subprocess.Popen while a child runs
         self.epoch = 0  # the child's restart epoch (--hot-restart)
-        self.retiring = {}  # pid -> (Popen, epoch, started): older epochs handing over to the child
+        self.retiring = {}  # pid -> (Popen, epoch, started, command): older epochs handing over to the child
         self.outputs = {}  # pid -> read end of that process's stdout/stderr pipe
         self.state = "starting"
         self.restarts = 0
@@ -264,7 +305,7 @@ class Supervisor:
         self.preexec = _pdeathsig_setter()
         self.env = {k: v for k, v in os.environ.items() if k != "FLEET_SUPERVISOR"}
         self.env["FLEET_PROC"] = f"{paths.root}/{paths.name}"
-        self.base_id = base_id(paths.root, paths.name) if options.hot_restart else None
+        self.base_id = None  # with --hot-restart: the base id of the running epochs (new at each epoch 0)
 
     # -- records ---------------------------------------------------------------------------
     def record(self):
@@ -284,7 +325,13 @@ class Supervisor:
         self.restart_at = None
         env = self.env
         if self.options.hot_restart:
-            env = dict(env, FLEET_RESTART_EPOCH=str(epoch), FLEET_BASE_ID=str(self.base_id))
+            if epoch == 0:
+                self.forget_base_id()
+                self.base_id = new_base_id()
+            # The hot-restart sockets: files under ROOT/run (0700, Envoy makes them 0600), where only
+            # this user reaches them; relative to the child's cwd ROOT, so that the path stays short.
+            env = dict(env, FLEET_RESTART_EPOCH=str(epoch), FLEET_BASE_ID=str(self.base_id),
+                       FLEET_HOT_RESTART_SOCKET=os.path.relpath(self.paths.hot_restart, self.paths.root))
         read_end, write_end = os.pipe()
         try:
             child = subprocess.Popen(self.command, cwd=self.paths.root, env=env, stdin=subprocess.DEVNULL,
@@ -326,7 +373,7 @@ class Supervisor:
         if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)):
             self.log.event("reload: the command is not a list of strings")
             return
-        self.command = command
+        command_before, self.command = self.command, command
         self.reloads += 1
         if self.state in ("stopping", "stopped"):
             return
@@ -334,18 +381,40 @@ class Supervisor:
         if self.child is None:  # in backoff: start now, afresh
             self.spawn(0)
             return
-        self.retiring[self.child.pid] = (self.child, self.epoch, self.started)
+        self.retiring[self.child.pid] = (self.child, self.epoch, self.started, command_before)
         self.child = None
         self.spawn(self.epoch + 1)
 
     def serve_on(self):
-        """The new epoch is gone and could not have taken over: the newest older one is the child again."""
+        """The new epoch is gone. If the newest older one still holds its listeners (the new one
+        never took them over), it is the child again, with its command; if it handed them over
+        and drains, it serves nothing and would never be told to exit: end every older epoch and
+        start afresh at epoch 0."""
         pid = max(self.retiring, key=lambda p: self.retiring[p][1])
-        self.child, self.epoch, self.started = self.retiring.pop(pid)
+        if not holds_listener(pid):
+            self.log.event(f"epoch {self.retiring[pid][1]} pid {pid} had handed its listeners over: ending it")
+            for retired in self.retiring:
+                try:
+                    os.killpg(retired, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            self.schedule_restart(ran=0.0)
+            return
+        self.child, self.epoch, self.started, self.command = self.retiring.pop(pid)
         self.write_pid()
         self.state = "running"
         self.log.event(f"epoch {self.epoch} pid {pid} serves on")
         self.record()
+
+    def hot_restart_sockets(self, epoch=None):
+        """The socket files Envoy made under ROOT/run for an epoch (or every epoch) of this base id."""
+        suffix = "*" if epoch is None else str(self.base_id * 10 + epoch)
+        return glob.glob(f"{glob.escape(self.paths.hot_restart)}_*_{suffix}")
+
+    def forget_base_id(self):
+        """Removes what the epochs before left (Envoy's /dev/shm region and its socket files)."""
+        if self.base_id is not None:
+            remove_quietly([shared_memory(self.base_id), *self.hot_restart_sockets()])
 
     def drain_output(self, pid, until_eof=False):
         fd = self.outputs.get(pid)
@@ -380,8 +449,9 @@ class Supervisor:
         self.drain_output(pid, until_eof=True)
         reason = exit_reason(status)
         if pid in self.retiring:
-            proc, epoch, _ = self.retiring.pop(pid)
+            proc, epoch = self.retiring.pop(pid)[:2]
             proc.returncode = status  # keep Popen from waiting on a reaped pid
+            remove_quietly(self.hot_restart_sockets(epoch))
             self.log.event(f"epoch {epoch} pid {pid} exited ({reason}), handed over")
         elif self.child is not None and pid == self.child.pid:
             self.child.returncode = status
@@ -486,14 +556,8 @@ class Supervisor:
                 self.kill_at = None
         self.record()
         self.log.event("stopped")
-        leftovers = [self.paths.sup, self.paths.stop, self.paths.next]
-        if self.base_id is not None:  # Envoy leaves its hot-restart region behind
-            leftovers.append(f"/dev/shm/envoy_shared_memory_{self.base_id * 10}")
-        for path in leftovers:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        self.forget_base_id()
+        remove_quietly([self.paths.sup, self.paths.stop, self.paths.next])
 
     def timeout(self):
         deadlines = [t for t in (self.restart_at, self.kill_at) if t is not None]

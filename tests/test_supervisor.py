@@ -409,27 +409,41 @@ class HttpLoad:
         self.thread.join(10)
 
 
+def envoy_command(directory, port, parent_shutdown):
+    """command(body, config_name=None): an Envoy answering `body` on 127.0.0.1:port, as fleet's
+    role runs it (epoch, base id and hot-restart sockets from the supervisor)."""
+    envoy = artifacts.resolve("builtin:envoy", ".").path
+
+    def command(body, config_name=None):
+        config = directory / (config_name or f"{body}.yaml")
+        if config_name is None:
+            config.write_text(ENVOY_BOOTSTRAP.format(admin=directory / "admin.sock", port=port, body=body))
+        return ["sh", "-c", f'exec {envoy} -c {config} --restart-epoch "$FLEET_RESTART_EPOCH" '
+                            '--base-id "$FLEET_BASE_ID" --socket-path "$FLEET_HOT_RESTART_SOCKET" --socket-mode 600 '
+                            f'--drain-time-s 1 --parent-shutdown-time-s {parent_shutdown} -l warn']
+    return command
+
+
+def base_id_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env[b"FLEET_BASE_ID"])
+
+
 def test_a_hot_restart_hands_envoy_over_to_its_next_epoch_without_a_failed_request(root, tmp_path):
     """reload starts the next epoch beside the running Envoy (no moment without a listener), the
     old one's exit is not a crash; a next epoch that cannot start leaves the old one serving; stop
     ends them all and removes Envoy's shared memory."""
-    envoy = artifacts.resolve("builtin:envoy", ".").path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    def command(body, config_name=None):
-        config = tmp_path / (config_name or f"{body}.yaml")
-        if config_name is None:
-            config.write_text(ENVOY_BOOTSTRAP.format(admin=tmp_path / "admin.sock", port=port, body=body))
-        return ["sh", "-c", f'exec {envoy} -c {config} --restart-epoch "$FLEET_RESTART_EPOCH" '
-                            '--base-id "$FLEET_BASE_ID" --drain-time-s 1 --parent-shutdown-time-s 2 -l warn']
-
+    command = envoy_command(tmp_path, port, parent_shutdown=2)
     first = root.start("envoy", *command("v1"), options=("--hot-restart",))
     assert first["epoch"] == "0"
     old = int(first["pid"])
-    base = supervisor.base_id(root.path, "envoy")
-    wait_for(lambda: os.path.exists(f"/dev/shm/envoy_shared_memory_{base * 10}"), what="Envoy's shared memory")
+    base = base_id_of(old)
+    wait_for(lambda: os.path.exists(supervisor.shared_memory(base)), what="Envoy's shared memory")
     load = HttpLoad(port)
     try:
         wait_for(lambda: "v1" in load.bodies, what="v1 answering")
@@ -455,9 +469,39 @@ def test_a_hot_restart_hands_envoy_over_to_its_next_epoch_without_a_failed_reque
     assert load.sent > 100 and load.failed == [], (load.sent, load.failed[:5])
     assert load.bodies == {"v1", "v2"}
     assert "serves on" in root.read("log", "envoy.log")
+    # Its hot-restart sockets are files under ROOT/run, only the running epoch's left, mode 0600.
+    sockets = sorted(f for f in os.listdir(root.file("run")) if f.startswith("envoy.hot-restart_"))
+    assert sockets and all(f.endswith(f"_{base * 10 + 1}") for f in sockets), sockets
+    assert all(stat.S_IMODE(os.stat(root.file("run", f)).st_mode) == 0o600 for f in sockets)
     state = root.stop("envoy")
     assert state["state"] == "stopped" and not alive(new)
-    assert not os.path.exists(f"/dev/shm/envoy_shared_memory_{base * 10}")
+    assert not os.path.exists(supervisor.shared_memory(base))
+    assert not [f for f in os.listdir(root.file("run")) if f.startswith("envoy.hot-restart_")]
+
+
+def test_a_new_epoch_that_dies_after_taking_over_is_replaced_by_a_fresh_envoy(root, tmp_path):
+    """The old epoch handed its listeners over and drains; only the new one would have told it to
+    exit. When the new one dies, the old one serves nothing: the supervisor ends it and starts
+    afresh at epoch 0, with a new base id, and the listener answers again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = envoy_command(tmp_path, port, parent_shutdown=60)
+    old = int(root.start("envoy", *command("v1"), options=("--hot-restart",))["pid"])
+    wait_for(lambda: supervisor.holds_listener(old), what="epoch 0 listening")
+    old_base = base_id_of(old)
+    new = int(fields(run("reload", root.path, "envoy", "--", *command("v2")).stdout)["pid"])
+    wait_for(lambda: supervisor.holds_listener(new) and not supervisor.holds_listener(old), timeout=20,
+             what="the new epoch to take the listeners over")
+    os.kill(new, signal.SIGKILL)
+    wait_for(lambda: not alive(old), timeout=20, what="the drained epoch ended")
+    state = wait_for(lambda: (lambda st: st if st["state"] == "running" and st["epoch"] == "0" else None)(
+        root.status("envoy")[0]), timeout=20, what="a fresh epoch 0")
+    fresh = int(state["pid"])
+    wait_for(lambda: supervisor.holds_listener(fresh), what="the fresh Envoy listening")
+    assert state["last_exit"] == "SIGKILL" and state["restarts"] == "1"
+    assert base_id_of(fresh) != old_base  # a new run of epochs, a new region
+    assert "had handed its listeners over" in root.read("log", "envoy.log")
 
 
 def test_reload_of_a_process_without_hot_restart_is_refused_with_exit_3(root):
