@@ -45,7 +45,12 @@ unit_active() { case "$(unit_show "$1" | grep '^ActiveState=')" in *=active|*=ac
 # alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "${3:-FLEET_PROC}=$R/$2"; }
 # Gone, or a zombie not yet reaped by the shell that started it.
-gone() { ! kill -0 "$1" 2>/dev/null || [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)" = Z ]; }
+# With the shell's read (no fork): wait_listen asks this several times a second on every host.
+gone() {
+  kill -0 "$1" 2>/dev/null || return 0
+  s=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null
+  s=${s##*) }; [ "${s%% *}" = Z ]
+}
 procstate() {
   value "$R/run/$1.pid"; pid=$v; value "$R/run/$1.fp"; fp=$v
   if alive "$pid" "$1"; then a=1; else a=0; fi
@@ -187,8 +192,9 @@ wait_listen() {
     ok=1; for hex in $hexports; do listening "$hex" "$pid" || { ok=0; break; }; done
     [ "$ok" = 1 ] && return 0
     if [ "$waited" -ge $((timeout * 10)) ]; then echo "%FAIL% $name not listening on port(s) $* after ${timeout}s"; return 1; fi
-    # 0.1 s, then 0.2 s between looks: a look is a read of the host's TCP table and one ls.
-    sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 2 ] && step=$((step + 1))
+    # Back off from 0.1 s to 0.5 s between looks: each sleep is a fork, and at N=100 hosts on
+    # 2 cores the looks of every host add up while the services start.
+    sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 5 ] && step=$((step + 1))
   done
 }
 log_tail() {

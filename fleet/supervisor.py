@@ -64,6 +64,7 @@ import glob
 import os
 import re
 import secrets
+import select
 import selectors
 import shlex
 import signal
@@ -456,6 +457,8 @@ class Supervisor:
         elif self.child is not None and pid == self.child.pid:
             self.child.returncode = status
             self.child = None
+            if self.base_id is not None:
+                remove_quietly(self.hot_restart_sockets(self.epoch))
             try:
                 os.unlink(self.paths.pid)
             except FileNotFoundError:
@@ -509,7 +512,7 @@ class Supervisor:
                 pass
 
     # -- the loop --------------------------------------------------------------------------
-    def run(self):
+    def run(self, ready=None):
         wakeup_read, wakeup_write = os.pipe()
         for fd in (wakeup_read, wakeup_write):
             os.set_blocking(fd, False)
@@ -530,6 +533,8 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wakeup fd hears it
         self.log.event(f"supervising {self.paths.name}: {shlex.join(self.command)}")
         self.spawn()
+        if ready is not None:  # the first start is recorded (running, or backoff): `start` returns
+            os.close(ready)
         while self.state != "stopped":
             for key, _ in self.selector.select(self.timeout()):
                 if key.fd == wakeup_read:
@@ -606,28 +611,31 @@ def cmd_start(paths, args):
             os.unlink(path)
         except FileNotFoundError:
             pass
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the supervisor
+        os.close(ready_read)
         code = 1
         try:
-            code = run_supervisor(paths, args)
+            code = run_supervisor(paths, args, ready=ready_write)
         finally:
             os._exit(code)
+    os.close(ready_write)
     # Wait (bounded) until the supervisor has recorded its first start, so that the caller's
-    # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one.
-    deadline = time.monotonic() + RELOAD_SECONDS
-    while time.monotonic() < deadline:
-        exited, status = os.waitpid(pid, os.WNOHANG)
-        if exited:
-            print(f"{paths.name}: supervisor exited at once ({exit_reason(status)}); see {paths.log}", file=sys.stderr)
-            return 1
-        fields = paths.read_state()
-        if fields.get("state") in ("running", "backoff"):
-            print(format_state(fields))
-            return 0
-        time.sleep(0.01)
-    print(f"{paths.name}: supervisor pid {pid} recorded no state within {RELOAD_SECONDS}s; see {paths.log}",
-          file=sys.stderr)
+    # next step (a listen check on ROOT/run/NAME.pid) sees this run, not an earlier one: it closes
+    # its end of the pipe then (or by exiting), no polling (a hundred hosts start at once).
+    answered, _, _ = select.select([ready_read], [], [], RELOAD_SECONDS)
+    os.close(ready_read)
+    fields = paths.read_state()
+    if fields.get("state") in ("running", "backoff"):
+        print(format_state(fields))
+        return 0
+    exited, status = os.waitpid(pid, os.WNOHANG)
+    if exited:
+        print(f"{paths.name}: supervisor exited at once ({exit_reason(status)}); see {paths.log}", file=sys.stderr)
+    else:
+        print(f"{paths.name}: supervisor pid {pid} recorded no state "
+              f"{'' if answered else f'within {RELOAD_SECONDS}s'}; see {paths.log}", file=sys.stderr)
     return 1
 
 
@@ -781,13 +789,14 @@ def main(argv=None):
     return {"start": cmd_start, "reload": cmd_reload, "stop": cmd_stop, "status": cmd_status}[args.action](paths, args)
 
 
-def run_supervisor(paths, args):
+def run_supervisor(paths, args, ready):
     """The forked supervisor: stdin and stdout /dev/null, every inherited descriptor above 2
-    closed (the caller's pipes, fleet's deploy lock), then the loop."""
+    closed (the caller's pipes, fleet's deploy lock) but `ready`, which it closes once it has
+    recorded its first start; then the loop."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    for fd in [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]:
+    for fd in [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2 and int(fd) != ready]:
         try:
             os.close(fd)
         except OSError:  # the descriptor of the listing itself, closed already
@@ -800,7 +809,7 @@ def run_supervisor(paths, args):
     os.setsid()
     supervisor = Supervisor(paths, args.command, args)
     try:
-        supervisor.run()
+        supervisor.run(ready)
     except BaseException:
         import traceback
         supervisor.log.event("crashed: " + traceback.format_exc().replace("\n", " | "))

@@ -229,6 +229,18 @@ def test_start_takes_over_from_an_unsupervised_process_of_the_same_name(root):
             old.wait()
 
 
+def open_files(pid):
+    """What pid's descriptors point at now (one may close while they are listed: the supervisor
+    closes the pipe that told `start` it was up)."""
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return targets
+
+
 def test_the_supervisor_leaves_the_callers_session_lock_and_stdin(root, tmp_path):
     lock = str(tmp_path / "deploy.lock")
     # As fleet's host script does: fd 9 holds the deploy lock while start runs.
@@ -240,8 +252,7 @@ def test_the_supervisor_leaves_the_callers_session_lock_and_stdin(root, tmp_path
     sup = supervisor.read_pid(root.file("run", "svc.sup"))
     child = int(fields(proc.stdout)["pid"])
     for pid in (sup, child):
-        targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-        assert lock not in targets
+        assert lock not in open_files(pid)
         assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     with open(f"/proc/{child}/status") as f:
         ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
