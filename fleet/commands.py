@@ -192,9 +192,10 @@ wait_listen() {
     ok=1; for hex in $hexports; do listening "$hex" "$pid" || { ok=0; break; }; done
     [ "$ok" = 1 ] && return 0
     if [ "$waited" -ge $((timeout * 10)) ]; then echo "%FAIL% $name not listening on port(s) $* after ${timeout}s"; return 1; fi
-    # Back off from 0.1 s to 0.5 s between looks: each sleep is a fork, and at N=100 hosts on
-    # 2 cores the looks of every host add up while the services start.
-    sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 5 ] && step=$((step + 1))
+    # 0.1 s, then 0.2 s between looks: a look forks only `sleep` (gone and listening use the
+    # shell's read) until the port listens. Measured at N=20, backing off to 0.5 s instead made a
+    # rolling restart 0.6 s longer (four batches, each waiting up to 0.4 s more).
+    sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 2 ] && step=$((step + 1))
   done
 }
 log_tail() {
