@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fleet import artifacts  # noqa: E402
-from tests.hostlab import HostLab, host_python  # noqa: E402
+from tests.hostlab import HostLab, envoy_regions, host_python, remove_files  # noqa: E402
 
 BENCH = os.path.join(REPO, "bench")
 PHASES = ("cold", "unchanged", "changed")
@@ -191,13 +191,15 @@ def empty_hosts(lab):
     and the tools' root emptied: the next cold run starts from nothing."""
     sshd = {h.sshd.pid for h in lab.hosts}
     for host in lab.hosts:
-        for pid in subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True,
-                                  text=True).stdout.split():
-            if int(pid) not in sshd:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        pids = [p for p in subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True,
+                                          text=True).stdout.split() if int(p) not in sshd]
+        regions = envoy_regions(pids)
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        remove_files(regions)
     for host in lab.hosts:
         root = os.path.join(host.srv, os.path.basename(ROOT))
         for entry in os.listdir(root):

@@ -30,6 +30,30 @@ HOST_PYTHON_DIR = ("/var/cache/fleet-hostlab/python-"
                    + hashlib.sha256("\n".join(HOST_PYTHON_PACKAGES).encode()).hexdigest()[:12])
 
 
+def envoy_regions(pids):
+    """The /dev/shm files of the hot-restart regions of the Envoys among `pids` (by the
+    FLEET_BASE_ID their supervisor gave them): a host torn down with SIGKILL leaves them, and
+    /dev/shm is the machine's."""
+    regions = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"FLEET_BASE_ID", b"").isdigit():
+            regions.add(f"/dev/shm/envoy_shared_memory_{int(env[b'FLEET_BASE_ID']) * 10}")
+    return regions
+
+
+def remove_files(paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class LabError(RuntimeError):
     """Creating the hosts failed: the caller must stop, never fall back to other addresses."""
 
@@ -420,15 +444,17 @@ LogLevel VERBOSE
     # -- teardown ----------------------------------------------------------------------------
     def destroy(self):
         for host in self.hosts:
-            if self.systemd and host.init is not None:
-                self._halt(host)
             # Everything started inside the namespace: sshd and what fleet started through it.
             pids = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout
+            regions = envoy_regions(pids.split())
+            if self.systemd and host.init is not None:
+                self._halt(host)
             for pid in pids.split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            remove_files(regions)
             if host.sshd:
                 try:
                     host.sshd.wait(timeout=5)
