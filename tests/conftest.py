@@ -102,3 +102,23 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def open_files(pid):
+    """What the descriptors of pid point to now (one closed while they are listed is left out:
+    the supervisor closes the pipe that told `start` it was up)."""
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
+def deployed(tmp_path_factory, data):
+    """A module's starting point: `data` written as an inventory and deployed (exit 0); its path."""
+    path = write_inventory(tmp_path_factory.mktemp("base"), data)
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return path

@@ -17,7 +17,7 @@ import yaml
 from friesian_services.inference import encode_instances
 from friesian_services.proto import feature_pb2, feature_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.load import Load
-from tests.conftest import REPO, inference_inventory, kill_unsupervised, run_fleet, write_inventory
+from tests.conftest import REPO, deployed, inference_inventory, kill_unsupervised, run_fleet, write_inventory
 
 
 LAB_HOSTS = 3
@@ -25,10 +25,7 @@ LAB_HOSTS = 3
 
 @pytest.fixture(scope="module")
 def base(lab, tmp_path_factory):
-    path = write_inventory(tmp_path_factory.mktemp("base"), inference_inventory(lab))
-    result = run_fleet("deploy", "inference", "-i", path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return path
+    return deployed(tmp_path_factory, inference_inventory(lab))
 
 
 def variant(tmp_path, data):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from fleet import artifacts, facts
-from tests.conftest import run_fleet, write_inventory
+from tests.conftest import deployed, open_files, run_fleet, write_inventory
 from tests.hostlab import LabError
 from tests.load import Load
 
@@ -35,10 +35,7 @@ def inventory(lab, **ingress_vars):
 
 @pytest.fixture(scope="module")
 def base(lab, tmp_path_factory):
-    path = write_inventory(tmp_path_factory.mktemp("base"), inventory(lab))
-    result = run_fleet("deploy", "inference", "-i", path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return path
+    return deployed(tmp_path_factory, inventory(lab))
 
 
 def run_file(lab, host, name, suffix):
@@ -104,17 +101,6 @@ def test_neither_a_process_nor_its_supervisor_holds_the_deploy_lock(lab, base):
         for pid in (pid_of(lab, host, name), int(run_file(lab, host, name, "sup"))):
             targets = open_files(pid)
             assert targets and "/srv/fleet/.lock" not in targets, (host, name, pid)
-
-
-def open_files(pid):
-    """What the descriptors of pid point to (a descriptor closed meanwhile is left out)."""
-    targets = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
-    return targets
 
 
 def test_a_killed_backend_is_back_by_itself_and_the_load_loses_nothing(lab, base):

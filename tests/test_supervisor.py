@@ -15,7 +15,7 @@ import pytest
 
 from fleet import artifacts, supervisor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tests.conftest import alive
+from tests.conftest import alive, open_files
 
 SUPERVISOR = os.path.abspath(supervisor.__file__)
 # The supervisor runs with a host's own python3, beside which neither fleet nor its
@@ -227,18 +227,6 @@ def test_start_takes_over_from_an_unsupervised_process_of_the_same_name(root):
         if old.poll() is None:
             old.kill()
             old.wait()
-
-
-def open_files(pid):
-    """What pid's descriptors point at now (one may close while they are listed: the supervisor
-    closes the pipe that told `start` it was up)."""
-    targets = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except FileNotFoundError:
-            pass
-    return targets
 
 
 def test_the_supervisor_leaves_the_callers_session_lock_and_stdin(root, tmp_path):
