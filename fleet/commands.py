@@ -44,8 +44,8 @@ unit_show() { timeout 20 systemctl show -p ActiveState -p SubState -p NRestarts 
 unit_active() { case "$(unit_show "$1" | grep '^ActiveState=')" in *=active|*=activating|*=reloading|*=deactivating) return 0 ;; esac; return 1; }
 # alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
 alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "${3:-FLEET_PROC}=$R/$2"; }
-# Gone, or a zombie not yet reaped by the shell that started it.
-# With the shell's read (no fork): wait_listen asks this several times a second on every host.
+# Gone, or a zombie not yet reaped by the shell that started it. With the shell's read (no fork):
+# stop_procs asks this ten times a second for every process it waits for.
 gone() {
   kill -0 "$1" 2>/dev/null || return 0
   s=; { IFS= read -r s < "/proc/$1/stat"; } 2>/dev/null
@@ -78,7 +78,7 @@ listeners() { if command -v netstat >/dev/null 2>&1; then netstat -tnlp 2>/dev/n
 report_listeners() { echo "%NETSTAT%"; listeners; echo "%END%"; }
 report_addresses() {
   printf '%s ' "%ADDRESSES%"
-  if command -v ip >/dev/null 2>&1; then ip -o addr show 2>/dev/null | awk '{split($4, p, "/"); printf "%s ", p[1]}'
+  if command -v ip >/dev/null 2>&1; then ip -o addr show 2>/dev/null | while read -r _ _ _ a _; do printf '%s ' "${a%/*}"; done
   else hostname -I 2>/dev/null | tr '\n' ' '; fi
   echo
 }
@@ -111,34 +111,37 @@ stop_procs() {
     gone "$pid" || kill -KILL "$pid" 2>/dev/null
   done
 }
-# A start of process $1 (fingerprint $2) in its log ($3: start, hot restart), and where its output begins:
-# a failed start shows only what this start printed.
-mark_start() {
-  mkdir -p "$R/run" "$R/log"
-  log="$R/log/$1.log"
-  [ -f "$log" ] || : > "$log"
-  chmod 640 "$log"
-  wc -c < "$log" | tr -d ' ' > "$R/run/$1.logpos"
-  echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet $3 $2" >> "$log"
-}
+# The supervisor's commands ($SUP, run by the host's $PY), imported as a module so that Python keeps
+# its bytecode beside it: run as a script, its 900 lines were compiled again at every call. -S: no
+# site, which it does not need. Its `--mark TEXT` (and `mark`) notes where the output of a start
+# begins in ROOT/log/NAME.log (a failed start shows only what it printed) and logs TEXT there.
+sup() { "$PY" -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); import supervisor; sys.exit(supervisor.main())' "${SUP%/*}" "$@"; }
+# The log of process $1 in $log, its directory made (a redirection to it comes before the supervisor).
+log_of() { log="$R/log/$1.log"; [ -d "$R/log" ] || mkdir -p "$R/run" "$R/log"; }
 remember() { echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"; echo "${4:-0}" > "$R/run/$1.hot"; }
 # run/NAME.started: the pid this start began (from the supervisor's state line; empty if none), the
 # one wait_listen waits for: a new Envoy epoch that dies hands NAME.pid back to the old epoch,
 # which must not pass for the new version.
-started() { printf '%s\n' "$2" | sed -n 's/.* spawned=\([0-9][0-9]*\).*/\1/p' > "$R/run/$1.started"; }
+started() {
+  s=; case $2 in *" spawned="[0-9]*) s=${2##* spawned=}; s=${s%% *} ;; esac
+  case $s in *[!0-9]*) s= ;; esac
+  printf '%s\n' "$s" > "$R/run/$1.started"
+}
 # start_proc NAME FINGERPRINT COMMAND [HOT]: as its systemd unit where it has one and systemd can
 # take it (by_unit, start_unit below); else under fleet's supervisor ($SUP, run by the host's $PY):
 # in a session of its own, with cwd $R and FLEET_PROC=$R/NAME, restarted whenever it exits; it
 # returns once run/NAME.pid names the process. HOT=1: with Envoy's hot restart (see restart_proc).
 # 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
 start_proc() {
-  mark_start "$1" "$2" start
+  log_of "$1"
   # Envoy (HOT=1) stays with fleet's supervisor: its epochs are the supervisor's to hand over.
   if [ "${4:-0}" != 1 ] && by_unit "$1"; then
+    sup mark "$R" "$1" "fleet start $2"
     start_unit "$1" "$log"; cat "$R/run/$1.pid" > "$R/run/$1.started" 2>/dev/null
   else
     hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
-    state=$(FLEET_SUPERVISOR="$R/$1" "$PY" "$SUP" start "$R" "$1" --grace "$GRACE" ${hot:+"$hot"} -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-)
+    state=$(FLEET_SUPERVISOR="$R/$1" sup start "$R" "$1" --mark "fleet start $2" --grace "$GRACE" ${hot:+"$hot"} \
+      -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-)
     started "$1" "$state"
   fi
   remember "$@"
@@ -149,8 +152,8 @@ start_proc() {
 # supervisor cannot, stop, then start.
 restart_proc() {
   if [ "${4:-0}" = 1 ] && supervised "$1"; then
-    mark_start "$1" "$2" "hot restart"
-    if state=$("$PY" "$SUP" reload "$R" "$1" -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-); then
+    log_of "$1"
+    if state=$(sup reload "$R" "$1" --mark "fleet hot restart $2" -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-); then
       started "$1" "$state"; remember "$@"; return 0
     fi
   fi
@@ -169,49 +172,23 @@ start_unit() {
     echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) fleet could not install or start unit $u" >> "$2"
   fi
 }
-# Is port $1 (in hex) listened on by pid $2? Read from /proc with shell builtins: netstat -p walks
-# every process of the machine, and each fork counts when a host starts many services at once.
-listening() {
-  inodes=
-  for table in /proc/net/tcp /proc/net/tcp6; do
-    [ -r "$table" ] || continue
-    while read -r _ local _ st _ _ _ _ _ inode _; do
-      [ "$st" = 0A ] && [ "${local##*:}" = "$1" ] && inodes="$inodes $inode"
-    done < "$table"
-  done
-  [ -n "$inodes" ] || return 1
-  fds=$(ls -l "/proc/$2/fd" 2>/dev/null)
-  for inode in $inodes; do case "$fds" in *"socket:[$inode]"*) return 0 ;; esac; done
-  return 1
-}
+# wait_listen NAME TIMEOUT PORT...: the process the last start of NAME began listens on every PORT
+# within TIMEOUT seconds, or a %FAIL% line says why not. The supervisor's `listening` looks every
+# 50 ms and reads the kernel's listener tables only when the process's sockets changed: each read
+# walks the machine's whole connection hash, and a cold deploy has every host waiting at once.
 wait_listen() {
-  name=$1; timeout=$2; shift 2; pid=$(cat "$R/run/$name.started" 2>/dev/null); waited=0; step=1
-  hexports=; for port in "$@"; do hexports="$hexports $(printf '%04X' "$port")"; done
-  while :; do
-    if gone "$pid"; then echo "%FAIL% $name exited before listening"; return 1; fi
-    ok=1; for hex in $hexports; do listening "$hex" "$pid" || { ok=0; break; }; done
-    [ "$ok" = 1 ] && return 0
-    if [ "$waited" -ge $((timeout * 10)) ]; then echo "%FAIL% $name not listening on port(s) $* after ${timeout}s"; return 1; fi
-    # 0.1 s, then 0.2 s between looks: a look forks only `sleep` (gone and listening use the
-    # shell's read) until the port listens. Measured at N=20, backing off to 0.5 s instead made a
-    # rolling restart 0.6 s longer (four batches, each waiting up to 0.4 s more).
-    sleep "0.$step"; waited=$((waited + step)); [ "$step" -lt 2 ] && step=$((step + 1))
-  done
+  name=$1; timeout=$2; shift 2
+  why=$(sup listening "$R" "$name" --timeout "$timeout" "$@") && return 0
+  echo "%FAIL% $name ${why:-could not be checked: supervisor.py listening failed}"; return 1
 }
 log_tail() {
   echo "%LOG% $1"; pos=$(cat "$R/run/$1.logpos" 2>/dev/null)
   tail -c "+$((${pos:-0} + 1))" "$R/log/$1.log" 2>/dev/null | tail -n 20; echo "%END%"
 }
-# Reads exactly $2 bytes of stdin into staging member $1, whatever happens: a write that fails
-# (a full disk) drains the rest, so the bytes of later files are never read as script lines.
-receive() {
-  dd bs=65536 iflag=fullblock,count_bytes count="$2" status=none | { cat > "$S/$1" 2> "$S/$1.err" || { cat > /dev/null; false; }; }
-  [ "$(wc -c < "$S/$1" 2>/dev/null)" -eq "$2" ] && return 0
-  echo "%FAIL% transfer $3 did not arrive whole: $(cat "$S/$1.err" 2>/dev/null || echo 'connection ended')"; return 1
-}
-# Puts staging member $1 at path $2 with mode $3, keeping the file it replaces for a rollback.
+# Puts staging member $1 (its mode set as it was received) at path $2, keeping the file it replaces
+# for a rollback.
 place() {
-  mkdir -p "$(dirname "$2")" && chmod "$3" "$S/$1" && { [ ! -f "$2" ] || cp -p "$2" "$J/previous/$1"; } && mv -f "$S/$1" "$2"
+  d=${2%/*}; { [ -d "${d:-/}" ] || mkdir -p "$d"; } && { [ ! -f "$2" ] || cp -p "$2" "$J/previous/$1"; } && mv -f "$S/$1" "$2"
 }
 save_previous() {
   if running "$1"; then
@@ -247,7 +224,7 @@ recover() {
       echo "%UNFINISHED% $t"
     fi
   done
-  [ "$1" = act ] && rm -rf "$R/.staging"
+  [ "$1" = act ] && [ -e "$R/.staging" ] && rm -rf "$R/.staging"
   return 0
 }
 """))
@@ -268,7 +245,7 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     ends however it ends), then runs each step script sent on stdin, ended by a protocol.RUN
     line, in a subshell, answering protocol.DONE with its exit code. Ends at end of input."""
     # The root is fleet's: private to its user even where something else created it first.
-    lines = [prelude(root), Raw(f'mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}'),
+    lines = [prelude(root), Raw(f'[ -d "$R" ] || mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}'),
              Raw('chmod 700 "$R" 2>/dev/null || :')]
     if lock:
         if break_lock:
@@ -286,11 +263,10 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
             Raw(f'  {acquire} || {{ echo "@@locked $holder"; exit {P.LOCKED_EXIT}; }}'),
             Raw("fi"),
             line(Raw("printf '%s pid=%s since=%s\\n'"), f"holder={holder}", Raw('"$$"'),
-                 Raw('"$(date -u +%Y-%m-%dT%H:%M:%SZ)"'), Raw('> "$R/.lock.holder"')),
-            Raw('chmod 600 "$R/.lock.holder"'),
+                 Raw('"$(date -u +%Y-%m-%dT%H:%M:%SZ)"'), Raw('> "$R/.lock.holder"')),  # 0600: umask 077
         ]
     lines += [
-        Raw(f'echo "{P.MACHINE} $(uname -s) $(uname -m)"'),
+        Raw(f'echo "{P.MACHINE} $(uname -sm)"'),
         Raw(f'echo "{P.READY}"'),
         Raw("while :; do"),
         Raw("  script=; complete="),
@@ -369,6 +345,69 @@ def _report_content(path, name=None):
                 Raw(f'; echo "{P.END}"; else echo'), f"{P.FILE} absent {name}", Raw("; fi"))
 
 
+# Reads the files a step sends after its script from stdin, in one process for all of them (a shell
+# pipeline per file was five forks each): exactly SIZE bytes per file whatever happens, so that
+# the bytes of later files are never read as script lines; a write that fails (a full disk) reads
+# the rest all the same. Each file is created private, gets its MODE once whole, and a file short
+# of bytes is reported. With NEED_KB, too little room under ROOT reads everything and writes nothing.
+_RECEIVE = _with_markers(r"""
+import os, sys
+staging, root, need_kb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+files = [(sys.argv[i], int(sys.argv[i + 1]), int(sys.argv[i + 2], 8), sys.argv[i + 3]) for i in range(4, len(sys.argv), 4)]
+
+def take(size, fd):
+    why = None if fd is not None else "cannot be created"
+    while size:
+        chunk = os.read(0, min(size, 65536))
+        if not chunk:
+            return "connection ended"
+        size -= len(chunk)
+        view = memoryview(chunk)
+        while view and why is None:
+            try:
+                view = view[os.write(fd, view):]
+            except OSError as e:
+                why = e.strerror or str(e)
+    return why
+
+try:
+    st = os.statvfs(root)
+    free_kb = st.f_bavail * st.f_frsize // 1024
+except OSError:
+    free_kb = None
+if need_kb and free_kb is not None and free_kb < need_kb:
+    print(f"%FAIL% disk {root} has {free_kb} KB free; this deploy needs {need_kb} KB", flush=True)
+    take(sum(size for _, size, _, _ in files), None)
+    sys.exit(3)
+whole = True
+for name, size, mode, label in files:
+    try:
+        fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        fd, opened = None, e.strerror
+    why = take(size, fd)
+    if fd is not None:
+        try:
+            os.fchmod(fd, mode)
+        except OSError as e:
+            why = why or e.strerror
+        os.close(fd)
+    elif why == "cannot be created":
+        why = f"cannot be created: {opened}"
+    if why:
+        print(f"%FAIL% transfer {label} did not arrive whole: {why}", flush=True)
+        whole = False
+sys.exit(0 if whole else 3)
+""")
+
+
+def receive(python, staging, files, need_kb=0):
+    """The script line that receives `files` ([(member, size, mode, label)]) from stdin into the
+    staging directory (a shell word), run by the host's `python`; exit 3 unless all arrived whole."""
+    words = [w for member, size, mode, label in files for w in (member, int(size), f"{mode:o}", label)]
+    return line(python, "-S", "-c", _RECEIVE, staging, Raw('"$R"'), int(need_kb), *words)
+
+
 @dataclass(frozen=True)
 class Switch:
     """An apply step: the script the session runs, and the payload it reads after it (the changed
@@ -395,8 +434,9 @@ def apply(plan, txid):
     txid = str(txid)
     payload = list(plan.payload)
     switch_script = _switch(plan, txid).encode()
-    sizes = [(member, plan.size(spec), spec.path) for member, spec in payload]
-    need_kb = sum(size for _, size, _ in sizes) // 1024 + 1024  # room for the files, plus 1 MB
+    files = [(member, plan.size(spec), spec.mode, spec.path) for member, spec in payload]
+    files.append(("switch.sh", len(switch_script), 0o600, "switch script"))
+    need_kb = sum(size for _, size, _, _ in files) // 1024 + 1024  # room for the files, plus 1 MB
     steps = [
         # A controller that is gone must not stop this step halfway: writes to it just fail.
         Raw("trap '' PIPE"),
@@ -404,19 +444,8 @@ def apply(plan, txid):
         assign("J", Raw('"$R"/.switch/'), txid),
         # Staging never outlives the step; the switch directory only once the switch has started.
         Raw("trap 'rm -rf \"$S\"; [ -f \"$J/switch.sh\" ] || rm -rf \"$J\"' EXIT"),
-        Raw('rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous" || exit 3'),
-        Raw('avail=$(df -Pk "$R" 2>/dev/null | awk \'NR == 2 { print $4 }\')'),
-        Raw(f'if [ -n "$avail" ] && [ "$avail" -lt {need_kb} ]; then'),
-        Raw(f'  echo "{P.FAIL} disk $R has ${{avail}} KB free; this deploy needs {need_kb} KB"; '
-            f'dd bs=65536 iflag=fullblock,count_bytes count={sum(s for _, s, _ in sizes) + len(switch_script)} '
-            'status=none of=/dev/null; exit 3'),
-        Raw("fi"),
-        Raw("whole=1"),
-    ]
-    steps += [line(Raw("receive"), member, size, path, Raw("|| whole=0")) for member, size, path in sizes]
-    steps += [
-        line(Raw("receive switch.sh"), len(switch_script), "switch script", Raw("|| whole=0")),
-        Raw('[ $whole = 1 ] || exit 3'),
+        Raw('[ ! -e "$R/.staging" ] || rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous" || exit 3'),
+        line(receive(plan.state.host.python, Raw('"$S"'), files, need_kb), Raw("|| exit 3")),
         Raw('mv "$S/switch.sh" "$J/switch.sh"'),
         # Its own session, output to the journal only: nothing it does depends on the connection.
         Raw('setsid sh "$J/switch.sh" > "$J/journal" 2>&1 < /dev/null &'),
@@ -441,7 +470,7 @@ def _switch(plan, txid):
     body = []
     for task, sent in plan.files_by_task():
         for member, spec in sent:
-            body.append(line(Raw("place"), member, spec.path, f"{spec.mode:o}", Raw("|| {"),
+            body.append(line(Raw("place"), member, spec.path, Raw("|| {"),
                              Raw("echo"), f"{P.FAIL} {task} cannot write {spec.path}", Raw("; restore_all; return 3; }")))
         body.append(line(Raw("echo"), f"{P.STEP} {task} {P.Status.CHANGED}"))
     for proc in plan.restarts:

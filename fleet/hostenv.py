@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 
 
-from fleet import connection
+from fleet import commands, connection
 from fleet.artifacts import cache_dir, file_sha256, fill_once, last_line as _last
 from fleet.protocol import PLATFORM, VENV, WHEELS
 from fleet.shell import Raw, line, script
@@ -123,9 +123,8 @@ def install_script(host, wheels, missing, wanted):
     names = [w.name for w in wheels]
     return script(
         Raw('S="$R/wheels"; mkdir -p "$S" || exit 3'),
-        Raw("whole=1"),
-        *[line(Raw("receive"), w.name, os.path.getsize(w.source), w.name, Raw("|| whole=0")) for w in missing],
-        Raw('[ $whole = 1 ] || exit 3'),
+        line(commands.receive(host.venv_from, Raw('"$S"'), [(w.name, os.path.getsize(w.source), 0o600, w.name)
+                                                             for w in missing]), Raw("|| exit 3")),
         Raw('rm -rf "$R/venv.new"'),
         line(host.venv_from, Raw('-m venv --without-pip "$R/venv.new" ||'),
              Raw('{ echo "python -m venv failed (Debian: apt-get install python3-venv)"; exit 3; }')),
