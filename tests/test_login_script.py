@@ -58,3 +58,20 @@ def test_a_root_that_cannot_be_created_names_the_key_to_change(tmp_path):
     assert result.returncode == 1
     assert result.stdout == (f"root {root} is not writable by {WHO}: set root: to a directory {WHO} can write, "
                              "or become: true\n")
+
+
+@pytest.mark.parametrize("version, lacks", [("Python 3.8.10", True), ("Python 2.7.18", True), ("Python 3.1", True),
+                                            ("Python 3.9.0", False), ("Python 3.10.12", False), ("Python 3.13.1", False)])
+def test_preflight_reads_the_python_version_without_starting_it(tmp_path, version, lacks):
+    """`python -V` (it answers before the interpreter starts), read by the shell: 3.10 is not 3.1."""
+    python = tmp_path / "python3"
+    python.write_text(f"#!/bin/sh\n[ \"$1\" = -V ] && echo '{version}' && exit 0\nexit 9\n")
+    python.chmod(0o755)
+    root = str(tmp_path / "root")
+    result = run_dash(commands.login(commands.script(commands.Raw("echo session ran")), "h1", str(python), root, WHO),
+                      tmp_path)
+    if lacks:
+        assert result.returncode == 1
+        assert result.stdout == f"{WHO} on h1 lacks python 3.9 or newer ({version}) (preflight; nothing was changed)\n"
+    else:
+        assert result.returncode == 0 and result.stdout == "session ran\n", result.stdout

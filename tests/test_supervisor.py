@@ -509,3 +509,51 @@ def test_reload_of_a_process_without_hot_restart_is_refused_with_exit_3(root):
     assert proc.returncode == 3 and "start it instead" in proc.stderr
     proc = run("reload", root.path, "never-started", "--", *SLEEPER)
     assert proc.returncode == 3
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Binds at once and listens only after a while, on a descriptor number reused for a new socket:
+# what `listening` must still see, though the process's descriptors look the same by then.
+LATE_LISTENER = """
+import socket, sys, time
+port = int(sys.argv[1])
+probe = socket.socket()
+time.sleep(0.3)
+fd = probe.fileno()
+probe.close()
+s = socket.socket()
+assert s.fileno() == fd
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+time.sleep(0.8)
+s.listen()
+time.sleep(60)
+"""
+
+
+def test_listening_waits_for_the_started_process_on_every_port_and_says_why_not(root):
+    port, other = free_port(), free_port()
+    state = root.start("late", sys.executable, "-c", LATE_LISTENER, str(port))
+    with open(root.file("run", "late.started"), "w") as f:  # what fleet's host script writes
+        f.write(state["spawned"] + "\n")
+    assert run("listening", root.path, "late", "--timeout", "10", str(port)).returncode == 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    # Listening on one of two ports is not enough; the wait is bounded.
+    proc = run("listening", root.path, "late", "--timeout", "1", str(port), str(other))
+    assert proc.returncode == 1 and proc.stdout == f"not listening on port(s) {port} {other} after 1s\n"
+    # Another process on the port does not count for this one.
+    with open(root.file("run", "late.started"), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    assert run("listening", root.path, "late", "--timeout", "1", str(port)).returncode == 1
+    # A process that is gone, or was never started.
+    with open(root.file("run", "late.started"), "w") as f:
+        f.write("\n")
+    proc = run("listening", root.path, "late", str(port))
+    assert proc.returncode == 1 and proc.stdout == "exited before listening\n"
+    assert run("listening", root.path, "late", "70000").returncode == 2
