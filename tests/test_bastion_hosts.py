@@ -177,10 +177,15 @@ def test_a_jump_chain_goes_through_every_hop(lab, tmp_path):
     assert [hop.hostname for hop in host.jumps] == [lab.host("h0").address, lab.host("p0").address]
     conn = connection.connect(host)
     try:
-        channel = conn.client.get_transport().open_session()
+        transport = conn.client.get_transport()
+        channel = transport.open_session()
         channel.exec_command("true")
         assert channel.recv_exit_status() == 0
         peers = lab.exec("p1", "ss", "-Htn", "state", "established", "sport", "= :22")
         assert f"{lab.host('p0').address}:" in peers
+        # Every hop, and the connection inside them, encrypts with AES-GCM (connection.PREFERRED_CIPHERS).
+        assert (transport.local_cipher, transport.remote_cipher) == ("aes128-gcm@openssh.com",) * 2
+        chains = [connection._JUMPS._chains[host.jumps[:i]] for i in (1, 2)]
+        assert [c.client.get_transport().local_cipher for c in chains] == ["aes128-gcm@openssh.com"] * 2
     finally:
         conn.close()
