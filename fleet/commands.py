@@ -246,7 +246,11 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     line, in a subshell, answering protocol.DONE with its exit code. Ends at end of input."""
     # The root is fleet's: private to its user even where something else created it first.
     lines = [prelude(root), Raw(f'[ -d "$R" ] || mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}'),
-             Raw('chmod 700 "$R" 2>/dev/null || :')]
+             Raw('chmod 700 "$R" 2>/dev/null || :'),
+        # Every step runs in the root, which only this user can write: a `python -c` imports from
+        # its working directory first, and the login's home (or, run locally, wherever fleet was
+        # started) may not be as private.
+        Raw(f'cd "$R" || {{ echo "{P.FAIL} session cannot enter $R"; exit 1; }}')]
     if lock:
         if break_lock:
             acquire = Raw(f'echo "{P.BREAKING} $holder"; pid=${{holder##*pid=}}; pid=${{pid%% *}}; '
@@ -389,9 +393,9 @@ for name, size, mode, label in files:
     if fd is not None:
         try:
             os.fchmod(fd, mode)
+            os.close(fd)  # where a write is only checked at close (NFS)
         except OSError as e:
             why = why or e.strerror
-        os.close(fd)
     elif why == "cannot be created":
         why = f"cannot be created: {opened}"
     if why:
@@ -403,9 +407,14 @@ sys.exit(0 if whole else 3)
 
 def receive(python, staging, files, need_kb=0):
     """The script line that receives `files` ([(member, size, mode, label)]) from stdin into the
-    staging directory (a shell word), run by the host's `python`; exit 3 unless all arrived whole."""
+    staging directory (a shell word), run by the host's `python`; the step exits 3 unless all
+    arrived whole. A receiver that failed otherwise (no interpreter, a crash) may have left bytes
+    of the files unread, which the session would take for script lines: it ends the session
+    (the controller reports the host's connection lost, with this line)."""
     words = [w for member, size, mode, label in files for w in (member, int(size), f"{mode:o}", label)]
-    return line(python, "-S", "-c", _RECEIVE, staging, Raw('"$R"'), int(need_kb), *words)
+    return line(python, "-S", "-c", _RECEIVE, staging, Raw('"$R"'), int(need_kb), *words,
+                Raw(f'|| {{ r=$?; [ "$r" = 3 ] || {{ echo "{P.FAIL} transfer the receiver failed (exit $r): '
+                    'the session ends, its input is out of step"; kill -KILL $$; }; exit 3; }'))
 
 
 @dataclass(frozen=True)
@@ -445,7 +454,7 @@ def apply(plan, txid):
         # Staging never outlives the step; the switch directory only once the switch has started.
         Raw("trap 'rm -rf \"$S\"; [ -f \"$J/switch.sh\" ] || rm -rf \"$J\"' EXIT"),
         Raw('[ ! -e "$R/.staging" ] || rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous" || exit 3'),
-        line(receive(plan.state.host.python, Raw('"$S"'), files, need_kb), Raw("|| exit 3")),
+        receive(plan.state.host.python, Raw('"$S"'), files, need_kb),
         Raw('mv "$S/switch.sh" "$J/switch.sh"'),
         # Its own session, output to the journal only: nothing it does depends on the connection.
         Raw('setsid sh "$J/switch.sh" > "$J/journal" 2>&1 < /dev/null &'),

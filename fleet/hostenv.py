@@ -123,8 +123,8 @@ def install_script(host, wheels, missing, wanted):
     names = [w.name for w in wheels]
     return script(
         Raw('S="$R/wheels"; mkdir -p "$S" || exit 3'),
-        line(commands.receive(host.venv_from, Raw('"$S"'), [(w.name, os.path.getsize(w.source), 0o600, w.name)
-                                                             for w in missing]), Raw("|| exit 3")),
+        commands.receive(host.venv_from, Raw('"$S"'), [(w.name, os.path.getsize(w.source), 0o600, w.name)
+                                                        for w in missing]),
         Raw('rm -rf "$R/venv.new"'),
         line(host.venv_from, Raw('-m venv --without-pip "$R/venv.new" ||'),
              Raw('{ echo "python -m venv failed (Debian: apt-get install python3-venv)"; exit 3; }')),

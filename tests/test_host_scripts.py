@@ -3,6 +3,7 @@ them, and real runs under dash (a local "host" under a temp root) with hostile n
 a full disk, and a switch whose connection dies while a bad version starts (docs/failure-modes.md,
 "The host protocol")."""
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -226,6 +227,41 @@ def test_a_full_disk_is_named_and_the_old_version_keeps_serving(tmp_path):
     finally:
         stop_all(root)
         subprocess.run(["umount", str(mount)])
+
+
+def test_a_receiver_that_cannot_run_ends_the_session_rather_than_run_the_files(root, tmp_path):
+    """The files are read by the host's python; without it, their bytes would stay in the input
+    and be taken for the next step's lines. A file that is a script must never run that way."""
+    marker = tmp_path / "PWNED4"
+    payload = f"touch {marker}\n{protocol.RUN}\n".encode() * 3
+    state = state_for(root, payload, f"{sys.executable} -c pass", [])
+    broken = HostState(host=dataclasses.replace(state.host, python="/nonexistent/python3"), files=state.files,
+                       processes=state.processes, tasks=state.tasks, supervisor=state.supervisor)
+    conn, shell = open_session(root)
+    try:
+        switch = commands.apply(plan.plan_host(broken, facts.Report()), "1-1")
+        with pytest.raises(connection.ConnectFailed, match="connection lost during a step: .*python3: not found"):
+            shell.run(switch.script, STEP, "apply", payload=switch.payload)
+    finally:
+        shell.close()
+        conn.close()
+    assert not marker.exists()
+
+
+def test_steps_run_in_the_root_not_where_the_login_started(root, tmp_path, monkeypatch):
+    """`python -c` imports from its working directory first: a module a local user left in the
+    login's home, or where fleet ran locally, is never what a step imports."""
+    (tmp_path / "json.py").write_text(f"open({str(tmp_path / 'PWNED5')!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)  # where the local session starts
+    conn = connection.LocalConnection(shell="dash")
+    shell = conn.start_session(commands.session(root, "test-holder"), STEP)
+    try:
+        result = shell.run(commands.script(commands.Raw("pwd; python3 -S -c 'import json'")), STEP, "step")
+    finally:
+        shell.close()
+        conn.close()
+    assert result.exit_code == 0 and result.output.splitlines()[0] == root
+    assert not (tmp_path / "PWNED5").exists()
 
 
 # -- a switch that outlives its connection ---------------------------------------------------------
