@@ -225,6 +225,9 @@ def _process(state, label, task, args, task_files, where):
         timeout = int(args.get("start_timeout", 20))
     except ValueError as e:
         raise UsageError(f"ports and start_timeout must be numbers: {e}", path=where, key=task.name) from None
+    if timeout < 1 or not all(0 < p < 65536 for p in ports):
+        raise UsageError(f"start_timeout must be at least 1 (second) and ports between 1 and 65535, not "
+                         f"{timeout} and {list(ports)}", path=where, key=task.name)
     hot_restart = args.get("hot_restart", False)
     if not isinstance(hot_restart, bool):
         raise UsageError(f"hot_restart must be true or false, not {hot_restart!r}", path=where, key=task.name)

@@ -784,7 +784,7 @@ def cmd_listening(paths, args):
         if not args.rest:  # a process that listens on nothing: started is all there is to wait for
             return 0
         now = time.monotonic()
-        refresh = now - refreshed_at >= 0.5
+        refresh = now - refreshed_at >= 0.5 or now >= deadline  # the last look sees everything
         if refresh:
             refreshed_at = now
         try:
@@ -862,14 +862,19 @@ def positive(text):
     return value
 
 
+def non_negative(text):
+    """Seconds, 0 included (a single look)."""
+    return 0.0 if text in ("0", "0.0") else positive(text)
+
+
 def non_negative_int(text):
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise Usage(f"must be a whole number >= 0: {text!r}")
     return int(text)
 
 
 def port(text):
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise Usage(f"not a TCP port: {text!r}")
     return int(text)
 
@@ -884,7 +889,7 @@ OPTIONS = {
     "--log-max-bytes": ("log_max_bytes", non_negative_int, 10 * 1024 * 1024, ("start",)),
     "--log-keep": ("log_keep", non_negative_int, 3, ("start",)),  # rotated logs kept
     "--mark": ("mark", str, None, ("start", "reload")),  # a line for NAME.log first (see mark())
-    "--timeout": ("timeout", positive, 30.0, ("listening",)),
+    "--timeout": ("timeout", non_negative, 30.0, ("listening",)),
 }
 FLAGS = {"--hot-restart": ("hot_restart", ("start",))}  # Envoy's hot restart: `reload` hands over
 # action -> (the positional arguments after ROOT NAME: how many at least, at most; their converter)

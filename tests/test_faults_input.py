@@ -93,3 +93,15 @@ def write_text(tmp_path, text):
     path = tmp_path / "inventory.yaml"
     path.write_text(text)
     return str(path)
+
+
+def test_a_start_timeout_below_one_second_is_refused_where_the_role_uses_it(lab, good, tmp_path):
+    """A role's process task given `start_timeout: 0` (here through the service's vars): the
+    listen check could never pass. One line naming the role's task, exit 2, no host touched."""
+    path = write_text(tmp_path, replace_line(good, "    port: 7073", "    port: 7073\n    vars:\n      start_timeout: 0"))
+    result = run_fleet("deploy", "inference", "-i", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "roles/inference/tasks.yaml:" in lines[0], result.stderr
+    assert "start_timeout must be at least 1 (second)" in lines[0]
+    assert_untouched(lab)
