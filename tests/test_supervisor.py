@@ -423,6 +423,14 @@ def envoy_command(directory, port, parent_shutdown):
     return command
 
 
+def accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def base_id_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
@@ -443,6 +451,9 @@ def test_a_hot_restart_hands_envoy_over_to_its_next_epoch_without_a_failed_reque
     old = int(first["pid"])
     base = base_id_of(old)
     wait_for(lambda: os.path.exists(supervisor.shared_memory(base)), what="Envoy's shared memory")
+    # The load counts failures from the first request: it starts once Envoy listens (on a busy
+    # machine Envoy takes a while to, and those refusals are not the hand-over's).
+    wait_for(lambda: accepts(port), what="Envoy listening")
     load = HttpLoad(port)
     try:
         wait_for(lambda: "v1" in load.bodies, what="v1 answering")
