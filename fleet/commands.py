@@ -247,10 +247,10 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
     # The root is fleet's: private to its user even where something else created it first.
     lines = [prelude(root), Raw(f'[ -d "$R" ] || mkdir -p "$R" || {{ echo "{P.FAIL} session cannot create $R"; exit 1; }}'),
              Raw('chmod 700 "$R" 2>/dev/null || :'),
-        # Every step runs in the root, which only this user can write: a `python -c` imports from
-        # its working directory first, and the login's home (or, run locally, wherever fleet was
-        # started) may not be as private.
-        Raw(f'cd "$R" || {{ echo "{P.FAIL} session cannot enter $R"; exit 1; }}')]
+             # Every step runs in the root, which only this user can write: a `python -c` imports from
+             # its working directory first, and the login's home (or, run locally, wherever fleet was
+             # started) may not be as private.
+             Raw(f'cd "$R" || {{ echo "{P.FAIL} session cannot enter $R"; exit 1; }}')]
     if lock:
         if break_lock:
             acquire = Raw(f'echo "{P.BREAKING} $holder"; pid=${{holder##*pid=}}; pid=${{pid%% *}}; '
@@ -359,15 +359,15 @@ import os, sys
 staging, root, need_kb = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = [(sys.argv[i], int(sys.argv[i + 1]), int(sys.argv[i + 2], 8), sys.argv[i + 3]) for i in range(4, len(sys.argv), 4)]
 
-def take(size, fd):
-    why = None if fd is not None else "cannot be created"
+def take(size, fd):  # size bytes of stdin into fd (if any): None, or why they were not all written
+    why = None
     while size:
         chunk = os.read(0, min(size, 65536))
         if not chunk:
             return "connection ended"
         size -= len(chunk)
         view = memoryview(chunk)
-        while view and why is None:
+        while view and fd is not None and why is None:
             try:
                 view = view[os.write(fd, view):]
             except OSError as e:
@@ -386,18 +386,16 @@ if need_kb and free_kb is not None and free_kb < need_kb:
 whole = True
 for name, size, mode, label in files:
     try:
-        fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        fd, why = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), None
     except OSError as e:
-        fd, opened = None, e.strerror
-    why = take(size, fd)
+        fd, why = None, f"cannot be created: {e.strerror}"
+    why = take(size, fd) or why
     if fd is not None:
         try:
             os.fchmod(fd, mode)
             os.close(fd)  # where a write is only checked at close (NFS)
         except OSError as e:
             why = why or e.strerror
-    elif why == "cannot be created":
-        why = f"cannot be created: {opened}"
     if why:
         print(f"%FAIL% transfer {label} did not arrive whole: {why}", flush=True)
         whole = False

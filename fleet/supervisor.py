@@ -65,13 +65,14 @@ Bad arguments: one line on stderr, exit 2.
 import errno
 import os
 import select
+import selectors
 import signal
 import sys
 import time
 
 # Few imports, and none of re, argparse or subprocess (with them a call took 26 ms, without 12):
 # `start` and `listening` run for every process a deploy starts, on every host at once. What only
-# the forked supervisor uses is imported there (selectors, ctypes, glob, json).
+# some paths use, and costs more, is imported there (ctypes, glob, json).
 
 NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@")
 NAME_CHARS = NAME_FIRST | frozenset(".-")
@@ -311,12 +312,6 @@ def gone(pid):
         return True
 
 
-def _import_supervisor_modules():
-    """What only the forked supervisor uses (see the imports at the top)."""
-    global selectors
-    import selectors
-
-
 SHELL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@%+=:,./-_")
 
 
@@ -387,7 +382,6 @@ class Supervisor:
         self.kill_at = None
         self.term_requested = False
         self.reload_requested = False
-        _import_supervisor_modules()
         self.selector = selectors.DefaultSelector()
         self.preexec = _pdeathsig_setter()
         self.env = {k: v for k, v in os.environ.items() if k != "FLEET_SUPERVISOR"}
