@@ -170,7 +170,8 @@ while True: time.sleep(1)
 def test_stop_sends_sigterm_and_gives_the_child_its_grace(root):
     child = int(root.start("graceful", *GRACEFUL)["pid"])
     sup = supervisor.read_pid(root.file("run", "graceful.sup"))
-    wait_for(lambda: "up" in root.read("log", "graceful.log"), what="the child's first line")
+    # A whole line: the supervisor's own "== ... supervisor: ..." lines contain "up" too.
+    wait_for(lambda: "up" in root.read("log", "graceful.log").splitlines(), what="the child's first line")
     state = root.stop("graceful", grace=10)
     assert state["state"] == "stopped"
     assert state["last_exit"] == "exit:0"
@@ -182,7 +183,8 @@ def test_stop_sends_sigterm_and_gives_the_child_its_grace(root):
 
 
 def test_stop_kills_a_child_that_ignores_sigterm_after_the_grace(root):
-    child = int(root.start("stubborn", "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done")["pid"])
+    child = int(root.start("stubborn", "sh", "-c", "trap '' TERM; echo trapped; while :; do sleep 0.1; done")["pid"])
+    wait_for(lambda: "trapped" in root.read("log", "stubborn.log").splitlines(), what="the trap in place")
     state = root.stop("stubborn", grace=1)
     assert state["last_exit"] == "SIGKILL"
     assert not alive(child)
