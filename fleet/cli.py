@@ -445,5 +445,18 @@ class _FleetBox:
 COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "releases": cmd_releases,
             "rollback": cmd_rollback, "logs": cmd_logs, "init": cmd_init, "completion": cmd_completion}
 
+def run():
+    """The `fleet` command: main(), then exit without the interpreter's teardown. Every session
+    and file is closed by then; unloading grpc and paramiko added ~80 ms to every command, and
+    the pool thread of a host that missed its deadline would have been waited for."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (`fleet logs | head`): nothing left to tell it
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
