@@ -1,5 +1,7 @@
 """How an inventory host is reached over SSH: ssh config, precedence, jumps (pure: no host is contacted)."""
 
+import os
+
 import pytest
 
 from fleet.errors import UsageError
@@ -49,6 +51,19 @@ def test_ssh_host_alias_takes_hostname_user_port_key_known_hosts_and_proxyjump(t
     (bastion,) = host.jumps
     assert (bastion.hostname, bastion.port, bastion.user, bastion.accept_new_host_keys) == ("192.0.2.1", 22, "alice", True)
     assert host.address == "10.0.0.5"  # where Envoy reaches it: not the alias
+
+
+def test_match_exec_in_the_ssh_config_runs_its_command(tmp_path, monkeypatch):
+    """paramiko runs `Match exec` through invoke, which fleet imports only when it is used."""
+    marker = tmp_path / "ran"
+    config = (f"Match exec \"touch {marker}\"\n  User fromexec\n"
+              "Match exec \"false\"\n  Port 2222\n")
+    path = write(tmp_path, "hosts:\n  a: {address: 10.0.0.5}\n", config, "ssh_config: ssh_config\n")
+    with open(os.devnull) as null:
+        monkeypatch.setattr("sys.stdin", null)  # invoke forwards stdin; pytest's may not be read
+        host = load_inventory(path).hosts["a"]
+    assert marker.exists()
+    assert (host.target.user, host.target.port) == ("fromexec", 22)
 
 
 def test_inventory_values_win_over_the_ssh_config(tmp_path):
