@@ -181,8 +181,18 @@ def deploy(fleet, states, services, inventory, console, surge_state=None, restat
         rolls = [(s, _rolling_hosts(s, states, outcomes)) for s in services]
         rolled = {(name, task) for s, hosts in rolls for name in hosts for task in
                   rollout.backend_tasks(states[name], s)}
-        parallel([o for o in outcomes.values() if o.report is not None],
-                 lambda o: _apply(fleet, o, o.plan.without({t for n, t in rolled if n == o.host}), progress))
+        recorder = Releases(fleet, states, services, outcomes, inventory, progress)
+        # A host that nothing after this pass touches (no roll, no scale-in) is done when its
+        # apply is: it is checked and its release recorded while the others still work.
+        later = {name for _, hosts in rolls for name in hosts} if not any(gone for _, gone in removed) else set(states)
+
+        def apply(outcome):
+            _apply(fleet, outcome, outcome.plan.without({t for n, t in rolled if n == outcome.host}), progress)
+            if outcome.host not in later:
+                _finish_host(outcome, states[outcome.host], progress)
+                recorder.record_if_settled(outcome)
+
+        parallel([o for o in outcomes.values() if o.report is not None], apply)
         for service, gone in removed:
             if gone:
                 _scale_in(fleet, service, gone, outcomes, inventory)
@@ -192,10 +202,9 @@ def deploy(fleet, states, services, inventory, console, surge_state=None, restat
             elif hosts:
                 _roll(fleet, service, hosts, states, outcomes, inventory, progress)
         for outcome in outcomes.values():
-            if outcome.report is not None:
-                _verify_ports(outcome, states[outcome.host], progress)
-            progress.finish(outcome.host, outcome)
-        record_releases(fleet, states, services, outcomes, inventory, progress)
+            if outcome.host in later or outcome.report is None:
+                _finish_host(outcome, states[outcome.host], progress)
+        recorder.record_rest()
     started = time.perf_counter()
     checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
     fleet.timings["check through Envoy"] = fleet.timings.get("check through Envoy", 0) + time.perf_counter() - started
@@ -516,6 +525,12 @@ def _wait_envoy(fleet, service, cluster, condition, timeout, what):
     return None if ok else f"backends not {what} in Envoy within {timeout}s: {detail}"
 
 
+def _finish_host(outcome, state, progress):
+    if outcome.report is not None:
+        _verify_ports(outcome, state, progress)
+    progress.finish(outcome.host, outcome)
+
+
 def _verify_ports(outcome, state, progress):
     outcome.ports = verify.check_ports(state, outcome.report)
     bad = [c for c in outcome.ports if not c.ok]
@@ -639,20 +654,42 @@ class HostLogs:
     error: str | None = None
 
 
-def record_releases(fleet, states, services, outcomes, inventory, progress):
-    """After a deploy, on every host whose part succeeded: a release of each service that changed
-    anywhere (so a release id is on every host of the service), or, where a service has no
-    release yet, of that one; then prunes (releases.prune_selection)."""
-    names = list(inventory.services)
-    changed = {s.name for s in services if any(
-        status == Status.CHANGED and releases.service_of(label, names) == s.name
-        for o in outcomes.values() for label, status in o.steps.items())}
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    who = f"{getpass.getuser()}@{socket.gethostname()}"
+class Releases:
+    """Records, on every host whose part succeeded, a release of each service that changed anywhere
+    (so a release id is on every host of the service), or, where a service has no release yet,
+    of that one; then prunes (releases.prune_selection). A host that itself changed every service
+    it runs is recorded as soon as its part is over (record_if_settled): nothing another host does
+    can change what is recorded there. The rest once every host is done (record_rest)."""
 
-    def record(outcome):
-        state = states[outcome.host]
-        here = [s for s in services if outcome.host in s.hosts()]
+    def __init__(self, fleet, states, services, outcomes, inventory, progress):
+        self.fleet, self.states, self.services, self.outcomes = fleet, states, services, outcomes
+        self.inventory, self.progress = inventory, progress
+        self.names = list(inventory.services)
+        self.when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.who = f"{getpass.getuser()}@{socket.gethostname()}"
+        self.recorded = set()  # host names
+
+    def _here(self, outcome):
+        return [s for s in self.services if outcome.host in s.hosts()]
+
+    def _changed(self, outcomes):
+        return {s.name for s in self.services if any(
+            status == Status.CHANGED and releases.service_of(label, self.names) == s.name
+            for o in outcomes for label, status in o.steps.items())}
+
+    def record_if_settled(self, outcome):
+        here = self._here(outcome)
+        if here and {s.name for s in here} <= self._changed([outcome]):
+            self._record(outcome, here, {s.name for s in here})
+
+    def record_rest(self):
+        changed = self._changed(self.outcomes.values())
+        parallel([o for o in self.outcomes.values() if o.host in self.states and o.host not in self.recorded],
+                 lambda o: self._record(o, self._here(o), changed))
+
+    def _record(self, outcome, here, changed):
+        self.recorded.add(outcome.host)
+        state, progress = self.states[outcome.host], self.progress
         if not here or not outcome.ok:
             return
         if all(s.name not in changed and s.name in outcome.report.releases for s in here):
@@ -660,15 +697,16 @@ def record_releases(fleet, states, services, outcomes, inventory, progress):
             return
         steps = []
         for service in here:
-            doc, copies = releases.manifest(state, service.name, names, fleet.txid, when, who, inventory.path)
-            steps.append(commands.record_release(service.name, fleet.txid, releases.encode(doc), copies,
+            doc, copies = releases.manifest(state, service.name, self.names, self.fleet.txid, self.when, self.who,
+                                            self.inventory.path)
+            steps.append(commands.record_release(service.name, self.fleet.txid, releases.encode(doc), copies,
                                                  only_if_none=service.name not in changed))
         try:
             listing, problem = _record_and_prune(outcome.shell, "".join(steps), here, state)
         except connection.ConnectFailed as e:
             listing, problem = None, str(e)
         if problem:
-            outcome.error = fleet.mask(f"release not recorded: {problem}")
+            outcome.error = self.fleet.mask(f"release not recorded: {problem}")
             outcome.steps["release"] = Status.FAILED
             progress.step(outcome.host, "release", Status.FAILED, outcome.error)
             return
@@ -677,8 +715,6 @@ def record_releases(fleet, states, services, outcomes, inventory, progress):
             detail += f"; pruned {len(listing.pruned)}: {', '.join(listing.pruned)}"
         # Bookkeeping, not a change to what runs: never counted as a changed step.
         progress.step(outcome.host, "release", Status.OK, detail)
-
-    parallel([o for o in outcomes.values() if o.host in states], record)
 
 
 def _record_and_prune(shell, record_script, services, state):
