@@ -135,16 +135,20 @@ class ScriptSession:
 
     def _send_files(self, payload, error, on_bytes=None):
         """on_bytes(count), if given, after each block of a file artifact (progress of large ones)."""
+        # Blocks go out as views of one buffer: paramiko's sendall slices what it has left after
+        # every 32 KB packet, which for a bytes block copied ~16 MB per MB sent (half the
+        # controller's CPU for the Envoy binary, where a deploy starves it of CPU the most).
+        buffer = memoryview(bytearray(1 << 20))
         try:
             for _, spec in payload:
                 if spec.content is not None:
                     self._write(spec.content)
                 else:
                     with open(spec.source, "rb") as f:
-                        for block in iter(lambda: f.read(1 << 20), b""):
-                            self._write(block)
+                        while count := f.readinto(buffer):
+                            self._write(buffer[:count])
                             if on_bytes:
-                                on_bytes(len(block))
+                                on_bytes(count)
         except (OSError, EOFError, paramiko.SSHException) as e:
             error.append(str(e) or type(e).__name__)
 
