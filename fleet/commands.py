@@ -355,14 +355,18 @@ def _report_content(path, name=None):
 # the rest all the same. Each file is created private, gets its MODE once whole, and a file short
 # of bytes is reported. With NEED_KB, too little room under ROOT reads everything and writes nothing.
 _RECEIVE = _with_markers(r"""
-import os, sys
+import fcntl, os, sys
 staging, root, need_kb = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = [(sys.argv[i], int(sys.argv[i + 1]), int(sys.argv[i + 2], 8), sys.argv[i + 3]) for i in range(4, len(sys.argv), 4)]
+try:  # sshd's pipe to the session: 1 MB (the most an unprivileged user may set) instead of 64 KB
+    fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ (Linux)
+except (OSError, AttributeError):
+    pass  # not a pipe, or not Linux: the default buffer
 
 def take(size, fd):  # size bytes of stdin into fd (if any): None, or why they were not all written
     why = None
     while size:
-        chunk = os.read(0, min(size, 65536))
+        chunk = os.read(0, min(size, 1 << 20))
         if not chunk:
             return "connection ended"
         size -= len(chunk)
