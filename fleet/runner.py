@@ -189,7 +189,7 @@ def deploy(fleet, states, services, inventory, console, surge_state=None, restat
         def apply(outcome):
             _apply(fleet, outcome, outcome.plan.without({t for n, t in rolled if n == outcome.host}), progress)
             if outcome.host not in later:
-                _finish_host(outcome, states[outcome.host], progress)
+                _finish_host(outcome, states, progress)
                 recorder.record_if_settled(outcome)
 
         parallel([o for o in outcomes.values() if o.report is not None], apply)
@@ -203,7 +203,7 @@ def deploy(fleet, states, services, inventory, console, surge_state=None, restat
                 _roll(fleet, service, hosts, states, outcomes, inventory, progress)
         for outcome in outcomes.values():
             if outcome.host in later or outcome.report is None:
-                _finish_host(outcome, states[outcome.host], progress)
+                _finish_host(outcome, states, progress)
         recorder.record_rest()
     started = time.perf_counter()
     checks = [(s.name, *_check_service(fleet, inventory, s)) for s in services if s.ingress.host in states]
@@ -525,9 +525,9 @@ def _wait_envoy(fleet, service, cluster, condition, timeout, what):
     return None if ok else f"backends not {what} in Envoy within {timeout}s: {detail}"
 
 
-def _finish_host(outcome, state, progress):
-    if outcome.report is not None:
-        _verify_ports(outcome, state, progress)
+def _finish_host(outcome, states, progress):
+    if outcome.report is not None:  # a backend removed by a scale-in has neither report nor state
+        _verify_ports(outcome, states[outcome.host], progress)
     progress.finish(outcome.host, outcome)
 
 
