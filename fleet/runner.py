@@ -16,6 +16,7 @@ from fleet import artifacts, commands, connection, desired, facts, hostenv, plan
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
+WARM_SECONDS = 2.0  # starting the pool's threads: milliseconds, unless one is still busy
 # Login shells started at once. Where hosts' shells serialise on a shared lock (pyenv or conda
 # init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
 # starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
@@ -149,14 +150,44 @@ class Fleet:
         self._links.clear()
 
 
+_pool = None
+
+
+def _workers(count):
+    """The process's pool of host threads, `count` of them (at most MAX_PARALLEL_HOSTS) started
+    and idle. Each run's phases reuse them, and they are started before any has work: a thread
+    started while the others hold the GIL (handshakes, parsing output) took 3-5 ms to come up,
+    so a phase reached its last host tens of milliseconds after its first."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS, thread_name_prefix="fleet-host")
+    count = min(count, MAX_PARALLEL_HOSTS)
+    # Idle threads take the first of these waits; a new thread is started for each of the rest.
+    started = threading.Barrier(count + 1)
+    for _ in range(count):
+        _pool.submit(_wait_quietly, started)
+    _wait_quietly(started)
+    return _pool
+
+
+def _wait_quietly(barrier):
+    try:
+        barrier.wait(timeout=WARM_SECONDS)
+    except threading.BrokenBarrierError:
+        pass  # a thread still busy from an interrupted phase: the pool starts the rest on demand
+
+
 def parallel(items, fn):
+    """fn(item) for every item at once; the results in order."""
     if not items:
         return []
-    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_HOSTS, len(items)))
+    pool = _workers(len(items))
+    futures = [pool.submit(fn, item) for item in items]
     try:
-        return list(pool.map(fn, items))
+        return [future.result() for future in futures]
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        for future in futures:
+            future.cancel()
 
 
 def deploy(fleet, states, services, inventory, console, surge_state=None, restate=None):
