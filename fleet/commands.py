@@ -9,7 +9,9 @@ Quoting is structural: script lines are built with shell.line(), which quotes ev
 not shell.Raw, so no name, path or value from an inventory can become shell syntax. The fixed
 shell code below (_PRELUDE) refers to values only through quoted variables and arguments."""
 
+import posixpath
 import re
+import time
 from dataclasses import dataclass
 
 from fleet import protocol as P, systemd
@@ -43,7 +45,16 @@ installed() { [ -f "/etc/systemd/system/$(unit "$1")" ] && systemd_host; }
 unit_show() { timeout 20 systemctl show -p ActiveState -p SubState -p NRestarts "$(unit "$1")" 2>/dev/null; }
 unit_active() { case "$(unit_show "$1" | grep '^ActiveState=')" in *=active|*=activating|*=reloading|*=deactivating) return 0 ;; esac; return 1; }
 # alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
-alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "${3:-FLEET_PROC}=$R/$2"; }
+alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && environ_has "$1" "${3:-FLEET_PROC}=$R/$2"; }
+# environ_has PID ENTRY: one of PID's environment entries is exactly ENTRY. grep -z reads the
+# entries as they are, NUL-separated; a grep without -z (exit 2) gets one line per entry from tr,
+# newlines inside a value turned into \001 first. Either way a value holding a newline cannot
+# pose as an entry of its own.
+environ_has() {
+  grep -qzxF -e "$2" "/proc/$1/environ" 2>/dev/null; r=$?
+  [ "$r" = 2 ] || return "$r"
+  tr '\n\0' '\001\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF -e "$2"
+}
 # Gone, or a zombie not yet reaped by the shell that started it. With the shell's read (no fork):
 # stop_procs asks this ten times a second for every process it waits for.
 gone() {
@@ -92,15 +103,15 @@ report_addresses() {
 stop_procs() {
   pids=; units=
   for name in "$@"; do
-    pid=$(cat "$R/run/$name.pid" 2>/dev/null)
+    value "$R/run/$name.pid"; pid=$v
     if installed "$name"; then
       units="$units $(unit "$name")"; alive "$pid" "$name" && pids="$pids $pid"
     else
-      if supervised "$name"; then pid=$(cat "$R/run/$name.sup"); echo "$GRACE" > "$R/run/$name.stop"
+      if supervised "$name"; then value "$R/run/$name.sup"; pid=$v; echo "$GRACE" > "$R/run/$name.stop"
       else alive "$pid" "$name" || pid=; fi
       [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && pids="$pids $pid"
     fi
-    rm -f "$R/run/$name.pid" "$R/run/$name.fp" "$R/run/$name.hot" "$R/run/$name.started"
+    for f in pid fp hot started; do [ ! -e "$R/run/$name.$f" ] || rm -f "$R/run/$name.$f"; done
   done
   # shellcheck disable=SC2086
   [ -z "$units" ] || timeout $((GRACE + 15)) systemctl disable --now --quiet $units 2>/dev/null ||
@@ -185,10 +196,15 @@ log_tail() {
   echo "%LOG% $1"; pos=$(cat "$R/run/$1.logpos" 2>/dev/null)
   tail -c "+$((${pos:-0} + 1))" "$R/log/$1.log" 2>/dev/null | tail -n 20; echo "%END%"
 }
+# make_dirs DIR...: makes those that are missing, with one mkdir for all of them (a switch makes the
+# directories of every file it places, and run/ and log/, before it places any).
+make_dirs() {
+  for d in "$@"; do [ -d "$d" ] || { mkdir -p "$@"; return; }; done
+}
 # Puts staging member $1 (its mode set as it was received) at path $2, keeping the file it replaces
-# for a rollback.
+# for a rollback. Its directory exists (make_dirs).
 place() {
-  d=${2%/*}; { [ -d "${d:-/}" ] || mkdir -p "$d"; } && { [ ! -f "$2" ] || cp -p "$2" "$J/previous/$1"; } && mv -f "$S/$1" "$2"
+  { [ ! -f "$2" ] || cp -p "$2" "$J/previous/$1"; } && mv -f "$S/$1" "$2"
 }
 save_previous() {
   if running "$1"; then
@@ -266,8 +282,9 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
             Raw('  holder=$(cat "$R/.lock.holder" 2>/dev/null)'),
             Raw(f'  {acquire} || {{ echo "@@locked $holder"; exit {P.LOCKED_EXIT}; }}'),
             Raw("fi"),
+            # since: the controller's clock as it opens the session (a `date` on every host, every run).
             line(Raw("printf '%s pid=%s since=%s\\n'"), f"holder={holder}", Raw('"$$"'),
-                 Raw('"$(date -u +%Y-%m-%dT%H:%M:%SZ)"'), Raw('> "$R/.lock.holder"')),  # 0600: umask 077
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), Raw('> "$R/.lock.holder"')),  # 0600: umask 077
         ]
     lines += [
         Raw(f'echo "{P.MACHINE} $(uname -sm)"'),
@@ -479,6 +496,11 @@ def _switch(plan, txid):
     placed = [(member, spec) for member, spec in plan.payload]
     restore_all = [line(Raw("restore"), member, spec.path) for member, spec in placed] or [Raw(":")]
     body = []
+    # Where the files go, and run/ and log/ for the processes started: made in one go.
+    needed = sorted({posixpath.dirname(spec.path) for _, spec in placed} |
+                    ({posixpath.join(plan.state.host.root, d) for d in ("run", "log")} if plan.restarts else set()))
+    if needed:
+        body.append(line(Raw("make_dirs"), *needed))
     for task, sent in plan.files_by_task():
         for member, spec in sent:
             body.append(line(Raw("place"), member, spec.path, Raw("|| {"),
@@ -562,10 +584,11 @@ def record_release(service, release_id, manifest_json, copies, only_if_none=Fals
     directory appears whole (written beside it, then renamed)."""
     lines = [assign("D", _release_dir(service)), assign("N", _release_dir(service, release_id)),
              Raw("record() {"),
-             Raw('  rm -rf "$N.tmp" && mkdir -p "$N.tmp/files" || return 1')]
+             Raw('  { [ ! -e "$N.tmp" ] || rm -rf "$N.tmp"; } && mkdir -p "$N.tmp/files" || return 1')]
     lines += [line(Raw("  cp --"), path, word(Raw('"$N.tmp"/'), copy), Raw("|| return 1")) for path, copy in copies]
     lines += [line(Raw("  printf '%s\\n'"), manifest_json, Raw('> "$N.tmp/manifest.json" || return 1')),
-              Raw('  chmod -R go-rwx "$N.tmp" && rm -rf "$N" && mv "$N.tmp" "$N" || return 1'),
+              # Private already: the session's umask is 077.
+              Raw('  { [ ! -e "$N" ] || rm -rf "$N"; } && mv "$N.tmp" "$N" || return 1'),
               line(Raw("  printf '%s\\n'"), release_id, Raw('> "$D/current.tmp" && mv -f "$D/current.tmp" "$D/current"'),
                    Raw("|| return 1")),
               line(Raw("  echo"), f"{P.RECORDED} {service} {release_id}"),
@@ -594,8 +617,8 @@ def list_releases(service=None, manifests=True, artifacts=False):
             Raw(f'  echo "{P.RELEASE} $s $id"; base64 < "$d/manifest.json"; echo "{P.END}"'),
             Raw("done"),
         ]
-    lines.append(Raw(f'current() {{ [ -f "$1" ] || return 0; s=${{1%/current}}; s=${{s##*/}}; '
-                     f'echo "{P.CURRENT} $s $(cat "$1")"; }}'))
+    lines.append(Raw(f'current() {{ [ -f "$1" ] || return 0; s=${{1%/current}}; s=${{s##*/}}; value "$1"; '
+                     f'echo "{P.CURRENT} $s $v"; }}'))
     lines.append(Raw(f"current {where}/current") if service else Raw(f'for c in {where}/current; do current "$c"; done'))
     if artifacts:
         lines += [
@@ -711,8 +734,8 @@ def login(session_script, name, python, root, user, become_user=None, become_pas
     ]
     fix = "set root: to a writable directory" if become_user else \
         "set root: to a directory $(id -un) can write, or become: true"
-    writable = line(Raw("{ mkdir -p"), root, Raw("2>/dev/null && [ -w"), root, Raw("]; } || { echo root"), root,
-                    Raw(f'"is not writable by $(id -un): {fix}"; exit 1; }}'))
+    writable = line(Raw("{ { [ -d"), root, Raw("] || mkdir -p"), root, Raw("2>/dev/null; } && [ -w"), root,
+                    Raw("]; } || { echo root"), root, Raw(f'"is not writable by $(id -un): {fix}"; exit 1; }}'))
     # umask first: the preflight may be what creates the root, which must be private from the start.
     inner = script(Raw("umask 077"), Raw("lacks="), *lacks, writable, session_script)
     if not become_user:

@@ -403,3 +403,28 @@ def test_a_process_runs_as_a_unit_only_where_systemd_can_take_it(root, tmp_path,
         open(os.path.join(root, "units", "svc.service"), "w").close()
     out = run_as_if_systemd(root, tmp_path, systemd_pid1, "if by_unit svc; then echo unit; else echo supervisor; fi")
     assert (out.returncode, out.stdout) == (0, expected + "\n"), out.stderr
+
+
+@pytest.mark.parametrize("grep_has_z", [True, False])
+def test_alive_matches_a_whole_environment_entry_only(root, tmp_path, grep_has_z):
+    """`alive` reads a process's environment entry by entry: a value with a newline in it cannot
+    pass for the FLEET_PROC entry, with a grep that has -z or (the fallback) one that has not."""
+    marker = f"FLEET_PROC={root}/svc"
+    env_path = os.environ["PATH"]
+    if not grep_has_z:  # a grep that, like some small ones, rejects -z (exit 2)
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "grep").write_text('#!/bin/sh\nfor a; do case $a in -*z*) exit 2 ;; esac; done\nexec /bin/grep "$@"\n')
+        (bin_dir / "grep").chmod(0o755)
+        env_path = f"{bin_dir}:{env_path}"
+    ours = subprocess.Popen(["sleep", "30"], env={"PATH": env_path, "FLEET_PROC": f"{root}/svc"})
+    posing = subprocess.Popen(["sleep", "30"], env={"PATH": env_path, "X": f"a\n{marker}", "FLEET_PROC": f"{root}/other"})
+    try:
+        check = commands.script(commands.prelude(root), commands.Raw(
+            f'for p in {ours.pid} {posing.pid}; do if alive "$p" svc; then echo "$p yes"; else echo "$p no"; fi; done'))
+        out = subprocess.run(["sh", "-c", str(check)], capture_output=True, text=True, env={"PATH": env_path})
+        assert out.stdout.split("\n")[:2] == [f"{ours.pid} yes", f"{posing.pid} no"], out.stderr
+    finally:
+        for proc in (ours, posing):
+            proc.kill()
+            proc.wait()
