@@ -9,14 +9,13 @@ import queue
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from fleet import artifacts, commands, connection, desired, facts, hostenv, plan, protocol, releases, rollout, ui, verify
 from fleet.protocol import Status
 
 MAX_PARALLEL_HOSTS = 128
-WARM_SECONDS = 2.0  # starting the pool's threads: milliseconds, unless one is still busy
 # Login shells started at once. Where hosts' shells serialise on a shared lock (pyenv or conda
 # init over a shared home), each waiting shell polls it and steals CPU from the one holding it:
 # starting a few at a time drains the queue faster than starting all. (bench/, docs/performance.md)
@@ -150,39 +149,43 @@ class Fleet:
         self._links.clear()
 
 
-_pool = None
+class _HostThreads:
+    """The process's threads for per-host work, started at once before any has work and kept for
+    every later phase: a thread started while the others hold the GIL (handshakes, parsing
+    output) took 3-5 ms to come up, so each phase reached its last host tens of milliseconds
+    after its first. Daemon threads: one left on a stuck host never holds up the exit."""
+
+    def __init__(self):
+        self.work = queue.SimpleQueue()
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def submit(self, fn, item, at_once):
+        with self.lock:
+            while self.count < min(at_once, MAX_PARALLEL_HOSTS):
+                threading.Thread(target=self._serve, name=f"fleet-host-{self.count}", daemon=True).start()
+                self.count += 1
+        future = Future()
+        self.work.put((future, fn, item))
+        return future
+
+    def _serve(self):
+        while True:
+            future, fn, item = self.work.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(item))
+            except BaseException as e:  # as concurrent.futures does: the caller's result() raises it
+                future.set_exception(e)
 
 
-def _workers(count):
-    """The process's pool of host threads, `count` of them (at most MAX_PARALLEL_HOSTS) started
-    and idle. Each run's phases reuse them, and they are started before any has work: a thread
-    started while the others hold the GIL (handshakes, parsing output) took 3-5 ms to come up,
-    so a phase reached its last host tens of milliseconds after its first."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS, thread_name_prefix="fleet-host")
-    count = min(count, MAX_PARALLEL_HOSTS)
-    # Idle threads take the first of these waits; a new thread is started for each of the rest.
-    started = threading.Barrier(count + 1)
-    for _ in range(count):
-        _pool.submit(_wait_quietly, started)
-    _wait_quietly(started)
-    return _pool
-
-
-def _wait_quietly(barrier):
-    try:
-        barrier.wait(timeout=WARM_SECONDS)
-    except threading.BrokenBarrierError:
-        pass  # a thread still busy from an interrupted phase: the pool starts the rest on demand
+_host_threads = _HostThreads()
 
 
 def parallel(items, fn):
     """fn(item) for every item at once; the results in order."""
-    if not items:
-        return []
-    pool = _workers(len(items))
-    futures = [pool.submit(fn, item) for item in items]
+    futures = [_host_threads.submit(fn, item, len(items)) for item in items]
     try:
         return [future.result() for future in futures]
     finally:
