@@ -445,10 +445,23 @@ class _FleetBox:
 COMMANDS = {"deploy": cmd_deploy, "status": cmd_status, "stop": cmd_stop, "releases": cmd_releases,
             "rollback": cmd_rollback, "logs": cmd_logs, "init": cmd_init, "completion": cmd_completion}
 
+def _two_malloc_arenas():
+    """glibc gives threads that allocate at the same moment arenas of their own, up to 8 per core:
+    with every host's thread working at once that was 16 MB more peak memory (87 against 73 MB,
+    a cold deploy of 21 hosts) for work the GIL runs one thread at a time anyway."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: its own allocator
+
+
 def run():
     """The `fleet` command: main(), then exit without the interpreter's teardown. Every session
     and file is closed by then; unloading grpc and paramiko added ~80 ms to every command, and
-    the pool thread of a host that missed its deadline would have been waited for."""
+    the thread of a host that missed its deadline would have been waited for."""
+    _two_malloc_arenas()
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
