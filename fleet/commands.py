@@ -32,6 +32,8 @@ _PRELUDE = Raw(_with_markers(r"""
 # value FILE: its first line in $v, or empty; a builtin read, where $(cat FILE) costs two forks
 # (facts read a handful of these per process on every host, every run).
 value() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || :; }; }
+NL='
+'  # a newline, to split a command's output in two
 running() { value "$R/run/$1.pid"; alive "$v" "$1"; }
 # Something restarts it when it exits: its unit is active (or waiting to restart), or its supervisor lives.
 supervised() { if installed "$1"; then unit_active "$1"; else value "$R/run/$1.sup"; alive "$v" "$1" FLEET_SUPERVISOR; fi; }
@@ -138,34 +140,44 @@ started() {
   case $s in *[!0-9]*) s= ;; esac
   printf '%s\n' "$s" > "$R/run/$1.started"
 }
-# start_proc NAME FINGERPRINT COMMAND [HOT]: as its systemd unit where it has one and systemd can
-# take it (by_unit, start_unit below); else under fleet's supervisor ($SUP, run by the host's $PY):
-# in a session of its own, with cwd $R and FLEET_PROC=$R/NAME, restarted whenever it exits; it
-# returns once run/NAME.pid names the process. HOT=1: with Envoy's hot restart (see restart_proc).
+# answered NAME OUTPUT: what `sup start` or `sup reload` printed: its state line (see started)
+# and, asked with --listen, its answer after it in $heard.
+answered() {
+  heard=; a=${2%%"$NL"*}; [ "$a" = "$2" ] || heard=${2#*"$NL"}
+  started "$1" "$a"
+}
+# start_proc NAME FINGERPRINT COMMAND HOT [SECONDS PORT...]: as its systemd unit where it has one
+# and systemd can take it (by_unit, start_unit below); else under fleet's supervisor ($SUP, run by
+# the host's $PY): in a session of its own, with cwd $R and FLEET_PROC=$R/NAME, restarted whenever
+# it exits; it returns once run/NAME.pid names the process. HOT=1: with Envoy's hot restart (see
+# restart_proc). With SECONDS the supervisor goes on to wait (at most SECONDS) for the process to
+# listen on every PORT, and leaves its answer for the wait_listen that follows: one interpreter
+# on the host where a switch starts a single process and waits for it, not two.
 # 9>&-: neither may inherit the deploy lock (the supervisor closes every inherited fd as well).
 start_proc() {
-  log_of "$1"
+  log_of "$1"; heard=
   # Envoy (HOT=1) stays with fleet's supervisor: its epochs are the supervisor's to hand over.
   if [ "${4:-0}" != 1 ] && by_unit "$1"; then
     sup mark "$R" "$1" "fleet start $2"
     start_unit "$1" "$log"; cat "$R/run/$1.pid" > "$R/run/$1.started" 2>/dev/null
   else
     hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
-    state=$(FLEET_SUPERVISOR="$R/$1" sup start "$R" "$1" --mark "fleet start $2" --grace "$GRACE" ${hot:+"$hot"} \
-      -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-)
-    started "$1" "$state"
+    answered "$1" "$(n=$1 f=$2 c=$3; shift 4; [ $# = 0 ] || set -- --listen "$@"
+      FLEET_SUPERVISOR="$R/$n" sup start "$R" "$n" --mark "fleet start $f" --grace "$GRACE" ${hot:+"$hot"} "$@" \
+        -- sh -c "exec $c" 2>> "$log" < /dev/null 9>&-)"
   fi
   remember "$@"
 }
-# restart_proc NAME FINGERPRINT COMMAND [HOT]: the new version in place of the running one. HOT=1
-# (Envoy) under a supervisor started that way: its next epoch starts beside the running one, takes
-# over its listening sockets and lets it drain, so no connection is refused. Otherwise, or if the
-# supervisor cannot, stop, then start.
+# restart_proc NAME FINGERPRINT COMMAND HOT [SECONDS PORT...]: the new version in place of the
+# running one. HOT=1 (Envoy) under a supervisor started that way: its next epoch starts beside the
+# running one, takes over its listening sockets and lets it drain, so no connection is refused.
+# Otherwise, or if the supervisor cannot, stop, then start. SECONDS PORT...: as start_proc.
 restart_proc() {
   if [ "${4:-0}" = 1 ] && supervised "$1"; then
     log_of "$1"
-    if state=$(sup reload "$R" "$1" --mark "fleet hot restart $2" -- sh -c "exec $3" 2>> "$log" < /dev/null 9>&-); then
-      started "$1" "$state"; remember "$@"; return 0
+    if out=$(n=$1 f=$2 c=$3; shift 4; [ $# = 0 ] || set -- --listen "$@"
+             sup reload "$R" "$n" --mark "fleet hot restart $f" "$@" -- sh -c "exec $c" 2>> "$log" < /dev/null 9>&-); then
+      answered "$1" "$out"; remember "$@"; return 0
     fi
   fi
   stop_procs "$1"; start_proc "$@"
@@ -189,7 +201,11 @@ start_unit() {
 # walks the machine's whole connection hash, and a cold deploy has every host waiting at once.
 wait_listen() {
   name=$1; timeout=$2; shift 2
-  why=$(sup listening "$R" "$name" --timeout "$timeout" "$@") && return 0
+  if [ -n "$heard" ]; then  # the start asked already (start_proc's SECONDS)
+    why=$heard; heard=; [ "$why" = ok ] && return 0
+  else
+    why=$(sup listening "$R" "$name" --timeout "$timeout" "$@") && return 0
+  fi
   echo "%FAIL% $name ${why:-could not be checked: supervisor.py listening failed}"; return 1
 }
 log_tail() {
@@ -506,9 +522,13 @@ def _switch(plan, txid):
             body.append(line(Raw("place"), member, spec.path, Raw("|| {"),
                              Raw("echo"), f"{P.FAIL} {task} cannot write {spec.path}", Raw("; restore_all; return 3; }")))
         body.append(line(Raw("echo"), f"{P.STEP} {task} {P.Status.CHANGED}"))
+    # A single restart is followed at once by its wait: the start itself waits (start_proc's
+    # SECONDS PORT...). Several start all first, then are waited for, so that they come up together.
+    fused = len(plan.restarts) == 1
     for proc in plan.restarts:
+        listen = [proc.start_timeout, *proc.ports] if fused else []
         body.append(line(Raw("save_previous"), proc.name, Raw("; restart_proc"), proc.name, proc.fingerprint,
-                         proc.command, int(proc.hot_restart)))
+                         proc.command, int(proc.hot_restart), *listen))
     for proc in plan.restarts:
         wait = line(Raw("wait_listen"), proc.name, proc.start_timeout, *proc.ports)
         restores = [line(Raw("restore"), members[p], p) for p in proc.files if p in members] or [Raw(":")]

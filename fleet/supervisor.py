@@ -3,15 +3,17 @@
 
 Standard library only, Python 3.9+: it runs with the host's python3, where fleet is not installed.
 
-    python3 supervisor.py start  ROOT NAME [options] [--hot-restart] -- COMMAND...
-    python3 supervisor.py reload ROOT NAME -- COMMAND...
+    python3 supervisor.py start  ROOT NAME [options] [--hot-restart] [--listen S [PORT...]] -- COMMAND...
+    python3 supervisor.py reload ROOT NAME [--listen S [PORT...]] -- COMMAND...
     python3 supervisor.py stop   ROOT NAME [--grace S]
     python3 supervisor.py status ROOT NAME
     python3 supervisor.py listening ROOT NAME [--timeout S] [PORT...]
     python3 supervisor.py mark   ROOT NAME TEXT
 
 `listening` waits until the process in NAME.started (written by fleet's host scripts: the pid
-the last start began) listens on every PORT. `mark`, and --mark TEXT of start and reload, record
+the last start began) listens on every PORT. `start` and `reload` with --listen S wait the same
+way for the process they began, after their state line, and print a second line: `ok`, or why
+not. `mark`, and --mark TEXT of start and reload, record
 where what fleet does now begins in NAME.log (NAME.logpos) and append `== TIME TEXT` to it.
 
 One supervisor process per service process, not one per host root: a supervisor then has a
@@ -707,7 +709,8 @@ def cmd_start(paths, args):
     os.close(ready_read)
     fields = paths.read_state()
     if fields.get("state") in ("running", "backoff"):
-        print(format_state(fields))
+        print(format_state(fields), flush=True)
+        report_listening(fields, args)
         return 0
     exited, status = os.waitpid(pid, os.WNOHANG)
     if exited:
@@ -736,7 +739,8 @@ def cmd_reload(paths, args):
     while time.monotonic() < deadline:
         fields = paths.read_state()
         if fields.get("reloads") != before:
-            print(format_state(fields))
+            print(format_state(fields), flush=True)
+            report_listening(fields, args)
             return 0
         if not paths.live_supervisor():
             print(f"{paths.name}: the supervisor exited during the reload; see {paths.log}", file=sys.stderr)
@@ -763,20 +767,36 @@ def mark(paths, text):
 
 def cmd_listening(paths, args):
     """Waits, at most --timeout seconds, until the process the last start began (NAME.started)
-    listens on every PORT; exit 0, or one line on stdout saying why not and exit 1. It looks
-    every 50 ms at the process's descriptors, at its sockets only when those changed, and reads
-    the kernel's listener tables only when its sockets changed: many hosts wait for many
+    listens on every PORT; exit 0, or one line on stdout saying why not and exit 1."""
+    why = wait_listening(read_pid(paths.started), args.timeout, args.rest)
+    if why:
+        print(why)
+    return 1 if why else 0
+
+
+def report_listening(fields, args):
+    """`start` and `reload` with --listen SECONDS: a second line, `ok` once the process this start
+    began listens on every PORT (the rest of the arguments), or why not (as `listening`). One
+    interpreter on the host instead of two, where a switch starts one process and waits for it."""
+    if args.listen is not None:
+        pid = fields.get("spawned", "")
+        why = wait_listening(int(pid) if pid.isdigit() and pid.isascii() else None, args.listen, args.rest)
+        print(why or "ok", flush=True)
+
+
+def wait_listening(pid, timeout, ports):
+    """None once `pid` listens on every port in `ports`, or why not within `timeout` seconds. It
+    looks every 50 ms at the process's descriptors, at its sockets only when those changed, and
+    reads the kernel's listener tables only when its sockets changed: many hosts wait for many
     processes at once. Every 0.5 s it looks at all of them again (a socket that only now listens,
     or a descriptor reused for another socket)."""
-    pid = read_pid(paths.started)
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout
     fds, sockets, checked, refreshed_at = None, set(), None, 0.0
     while True:
         if pid is None or gone(pid):
-            print("exited before listening")
-            return 1
-        if not args.rest:  # a process that listens on nothing: started is all there is to wait for
-            return 0
+            return "exited before listening"
+        if not ports:  # a process that listens on nothing: started is all there is to wait for
+            return None
         now = time.monotonic()
         refresh = now - refreshed_at >= 0.5 or now >= deadline  # the last look sees everything
         if refresh:
@@ -790,11 +810,10 @@ def cmd_listening(paths, args):
         if sockets and (sockets != checked or refresh):
             checked = sockets
             table = listeners()
-            if all(table.get(p, set()) & sockets for p in args.rest):
-                return 0
+            if all(table.get(p, set()) & sockets for p in ports):
+                return None
         if now >= deadline:
-            print(f"not listening on port(s) {' '.join(map(str, args.rest))} after {args.timeout:g}s")
-            return 1
+            return f"not listening on port(s) {' '.join(map(str, ports))} after {timeout:g}s"
         time.sleep(0.05)
 
 
@@ -884,10 +903,11 @@ OPTIONS = {
     "--log-keep": ("log_keep", non_negative_int, 3, ("start",)),  # rotated logs kept
     "--mark": ("mark", str, None, ("start", "reload")),  # a line for NAME.log first (see mark())
     "--timeout": ("timeout", non_negative, 30.0, ("listening",)),
+    "--listen": ("listen", non_negative, None, ("start", "reload")),  # then wait for PORT... (report_listening)
 }
 FLAGS = {"--hot-restart": ("hot_restart", ("start",))}  # Envoy's hot restart: `reload` hands over
 # action -> (the positional arguments after ROOT NAME: how many at least, at most; their converter)
-ACTIONS = {"start": (0, 0, str), "reload": (0, 0, str), "stop": (0, 0, str), "status": (0, 0, str),
+ACTIONS = {"start": (0, None, port), "reload": (0, None, port), "stop": (0, 0, str), "status": (0, 0, str),
            "listening": (0, None, port), "mark": (1, 1, str)}
 
 
@@ -952,6 +972,8 @@ def main(argv=None):
             raise Usage(f"{args.action} needs a command after --")
         if args.action == "start" and args.log_max_bytes < 1:
             raise Usage("--log-max-bytes must be at least 1")
+        if args.rest and args.action in ("start", "reload") and args.listen is None:
+            raise Usage(f"{args.action}: ports are what --listen waits for; there is no --listen")
         paths = Paths(args.root, args.name)
     except Usage as e:
         print(f"supervisor.py: {e}", file=sys.stderr)

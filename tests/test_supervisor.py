@@ -570,3 +570,18 @@ def test_listening_waits_for_the_started_process_on_every_port_and_says_why_not(
     proc = run("listening", root.path, "late", str(port))
     assert proc.returncode == 1 and proc.stdout == "exited before listening\n"
     assert run("listening", root.path, "late", "70000").returncode == 2
+
+
+def test_start_with_listen_waits_for_the_process_it_began_and_answers_on_a_second_line(root):
+    port, other = free_port(), free_port()
+    root.names.update({"late", "never"})
+    proc = run("start", root.path, "late", "--listen", "10", str(port), "--", sys.executable, "-c", LATE_LISTENER, str(port))
+    state_line, answer = proc.stdout.splitlines()
+    assert proc.returncode == 0 and fields(state_line)["state"] == "running" and answer == "ok"
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    # A process that never listens there: the answer says so, within the bound.
+    proc = run("start", root.path, "never", "--listen", "1", str(other), "--", *SLEEPER)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[1] == f"not listening on port(s) {other} after 1s"
+    # Ports are only what --listen waits for.
+    assert run("start", root.path, "stray", str(port), "--", *SLEEPER).returncode == 2
