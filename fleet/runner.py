@@ -150,42 +150,60 @@ class Fleet:
 
 
 class _HostThreads:
-    """The process's threads for per-host work, started at once before any has work and kept for
-    every later phase: a thread started while the others hold the GIL (handshakes, parsing
+    """The process's threads for per-host work, kept for every later phase, and started before
+    a phase hands them work: a thread started while the others hold the GIL (handshakes, parsing
     output) took 3-5 ms to come up, so each phase reached its last host tens of milliseconds
-    after its first. Daemon threads: one left on a stuck host never holds up the exit."""
+    after its first. Threads still busy with an earlier phase's item (one that raised left the
+    others running) do not count as free. Daemon threads: one left on a stuck host never holds
+    up the exit."""
 
     def __init__(self):
         self.work = queue.SimpleQueue()
         self.count = 0
+        self.idle = 0
         self.lock = threading.Lock()
 
-    def submit(self, fn, item, at_once):
+    def submit_all(self, fn, items):
         with self.lock:
-            while self.count < min(at_once, MAX_PARALLEL_HOSTS):
+            # Up to MAX_PARALLEL_HOSTS threads in all: beyond that, items wait for a free one.
+            for _ in range(min(len(items) - self.idle, MAX_PARALLEL_HOSTS - self.count)):
                 threading.Thread(target=self._serve, name=f"fleet-host-{self.count}", daemon=True).start()
                 self.count += 1
-        future = Future()
-        self.work.put((future, fn, item))
-        return future
+                self.idle += 1
+        futures = [Future() for _ in items]
+        for future, item in zip(futures, items):
+            self.work.put((future, fn, item))
+        return futures
 
     def _serve(self):
         while True:
             future, fn, item = self.work.get()
-            if not future.set_running_or_notify_cancel():
+            with self.lock:
+                self.idle -= 1
+            result = error = None
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(item)
+                except BaseException as e:  # as concurrent.futures does: the caller's result() raises it
+                    error = e
+            # Free again before the result is out: the caller's next phase counts this thread.
+            with self.lock:
+                self.idle += 1
+            if future.cancelled():
                 continue
-            try:
-                future.set_result(fn(item))
-            except BaseException as e:  # as concurrent.futures does: the caller's result() raises it
-                future.set_exception(e)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
 
 _host_threads = _HostThreads()
 
 
 def parallel(items, fn):
-    """fn(item) for every item at once; the results in order."""
-    futures = [_host_threads.submit(fn, item, len(items)) for item in items]
+    """fn(item) for every item at once (up to MAX_PARALLEL_HOSTS at a time); the results in order.
+    fn must not call parallel() itself: it would wait for threads its caller holds."""
+    futures = _host_threads.submit_all(fn, list(items))
     try:
         return [future.result() for future in futures]
     finally:
@@ -216,15 +234,22 @@ def deploy(fleet, states, services, inventory, console, surge_state=None, restat
         rolled = {(name, task) for s, hosts in rolls for name in hosts for task in
                   rollout.backend_tasks(states[name], s)}
         recorder = Releases(fleet, states, services, outcomes, inventory, progress)
-        # A host that nothing after this pass touches (no roll, no scale-in) is done when its
-        # apply is: it is checked and its release recorded while the others still work.
+        # A host with no part in a roll or a scale-in is done when its apply is: its ports are
+        # checked and its release recorded while the others still work. (The ingress host of a
+        # rolled service gets its cluster file rewritten during the roll, and back as it was.)
         later = {name for _, hosts in rolls for name in hosts} if not any(gone for _, gone in removed) else set(states)
+        unsettled = set()
 
         def apply(outcome):
             _apply(fleet, outcome, outcome.plan.without({t for n, t in rolled if n == outcome.host}), progress)
-            if outcome.host not in later:
+            if outcome.host in later:
+                return
+            try:
                 _finish_host(outcome, states, progress)
-                recorder.record_if_settled(outcome)
+            except Exception:  # checked again after the rolls, where an error ends the run as it did before
+                unsettled.add(outcome.host)
+                return
+            recorder.record_if_settled(outcome)
 
         parallel([o for o in outcomes.values() if o.report is not None], apply)
         for service, gone in removed:
@@ -236,7 +261,7 @@ def deploy(fleet, states, services, inventory, console, surge_state=None, restat
             elif hosts:
                 _roll(fleet, service, hosts, states, outcomes, inventory, progress)
         for outcome in outcomes.values():
-            if outcome.host in later or outcome.report is None:
+            if outcome.host in later or outcome.host in unsettled or outcome.report is None:
                 _finish_host(outcome, states, progress)
         recorder.record_rest()
     started = time.perf_counter()
@@ -699,7 +724,7 @@ class Releases:
         self.fleet, self.states, self.services, self.outcomes = fleet, states, services, outcomes
         self.inventory, self.progress = inventory, progress
         self.names = list(inventory.services)
-        self.when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # one time for the deploy, as its applies begin
         self.who = f"{getpass.getuser()}@{socket.gethostname()}"
         self.recorded = set()  # host names
 
@@ -714,7 +739,10 @@ class Releases:
     def record_if_settled(self, outcome):
         here = self._here(outcome)
         if here and {s.name for s in here} <= self._changed([outcome]):
-            self._record(outcome, here, {s.name for s in here})
+            try:
+                self._record(outcome, here, {s.name for s in here})
+            except Exception:  # record_rest tries again once the rolls are done; an error there ends the run
+                self.recorded.discard(outcome.host)
 
     def record_rest(self):
         changed = self._changed(self.outcomes.values())
