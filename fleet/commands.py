@@ -34,6 +34,7 @@ _PRELUDE = Raw(_with_markers(r"""
 value() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || :; }; }
 NL='
 '  # a newline, to split a command's output in two
+heard=; heard_for=  # see answered
 running() { value "$R/run/$1.pid"; alive "$v" "$1"; }
 # Something restarts it when it exits: its unit is active (or waiting to restart), or its supervisor lives.
 supervised() { if installed "$1"; then unit_active "$1"; else value "$R/run/$1.sup"; alive "$v" "$1" FLEET_SUPERVISOR; fi; }
@@ -46,8 +47,10 @@ by_unit() { [ -f "$R/units/$1.service" ] && systemd_host; }
 installed() { [ -f "/etc/systemd/system/$(unit "$1")" ] && systemd_host; }
 unit_show() { timeout 20 systemctl show -p ActiveState -p SubState -p NRestarts "$(unit "$1")" 2>/dev/null; }
 unit_active() { case "$(unit_show "$1" | grep '^ActiveState=')" in *=active|*=activating|*=reloading|*=deactivating) return 0 ;; esac; return 1; }
-# alive PID NAME [MARKER]: PID lives and its environment holds MARKER=$R/NAME (FLEET_PROC if not given).
-alive() { [ -n "$1" ] && [ "$1" != - ] && kill -0 "$1" 2>/dev/null && environ_has "$1" "${3:-FLEET_PROC}=$R/$2"; }
+# alive PID NAME [MARKER]: PID lives, is this user's (everything fleet starts runs as the session's
+# user; another user's process may set the marker for itself) and its environment holds
+# MARKER=$R/NAME (FLEET_PROC if not given).
+alive() { [ -n "$1" ] && [ "$1" != - ] && [ -O "/proc/$1" ] && kill -0 "$1" 2>/dev/null && environ_has "$1" "${3:-FLEET_PROC}=$R/$2"; }
 # environ_has PID ENTRY: one of PID's environment entries is exactly ENTRY. grep -z reads the
 # entries as they are, NUL-separated; a grep without -z (exit 2) gets one line per entry from tr,
 # newlines inside a value turned into \001 first. Either way a value holding a newline cannot
@@ -141,9 +144,9 @@ started() {
   printf '%s\n' "$s" > "$R/run/$1.started"
 }
 # answered NAME OUTPUT: what `sup start` or `sup reload` printed: its state line (see started)
-# and, asked with --listen, its answer after it in $heard.
+# and, asked with --listen, its answer after it in $heard (for NAME: $heard_for).
 answered() {
-  heard=; a=${2%%"$NL"*}; [ "$a" = "$2" ] || heard=${2#*"$NL"}
+  heard=; heard_for=$1; a=${2%%"$NL"*}; [ "$a" = "$2" ] || heard=${2#*"$NL"}
   started "$1" "$a"
 }
 # start_proc NAME FINGERPRINT COMMAND HOT [SECONDS PORT...]: as its systemd unit where it has one
@@ -201,7 +204,7 @@ start_unit() {
 # walks the machine's whole connection hash, and a cold deploy has every host waiting at once.
 wait_listen() {
   name=$1; timeout=$2; shift 2
-  if [ -n "$heard" ]; then  # the start asked already (start_proc's SECONDS)
+  if [ -n "$heard" ] && [ "$heard_for" = "$name" ]; then  # the start asked already (start_proc's SECONDS)
     why=$heard; heard=; [ "$why" = ok ] && return 0
   else
     why=$(sup listening "$R" "$name" --timeout "$timeout" "$@") && return 0
@@ -298,7 +301,8 @@ def session(root, holder, lock=True, wait=0, break_lock=False):
             Raw('  holder=$(cat "$R/.lock.holder" 2>/dev/null)'),
             Raw(f'  {acquire} || {{ echo "@@locked $holder"; exit {P.LOCKED_EXIT}; }}'),
             Raw("fi"),
-            # since: the controller's clock as it opens the session (a `date` on every host, every run).
+            # since: the controller's clock as it builds the session, before any wait for a login
+            # slot or the lock (a `date` on every host, every run, otherwise).
             line(Raw("printf '%s pid=%s since=%s\\n'"), f"holder={holder}", Raw('"$$"'),
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), Raw('> "$R/.lock.holder"')),  # 0600: umask 077
         ]

@@ -105,8 +105,11 @@ def exit_reason(status):
 
 
 def carries(pid, marker):
-    """Is `pid` alive and does its environment hold `marker`? A recycled pid does not."""
+    """Is `pid` alive, ours (this user's), and does its environment hold `marker`? A recycled pid
+    does not, nor another user's process that sets the marker for itself."""
     try:
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return False
         with open(f"/proc/{pid}/environ", "rb") as f:
             return marker.encode() in f.read().split(b"\0")
     except (OSError, ValueError):
@@ -780,7 +783,10 @@ def report_listening(fields, args):
     interpreter on the host instead of two, where a switch starts one process and waits for it."""
     if args.listen is not None:
         pid = fields.get("spawned", "")
-        why = wait_listening(int(pid) if pid.isdigit() and pid.isascii() else None, args.listen, args.rest)
+        try:
+            why = wait_listening(int(pid) if pid.isdigit() and pid.isascii() else None, args.listen, args.rest)
+        except Exception as e:  # the start happened: its exit status must not say otherwise
+            why = f"could not be checked: {e}"
         print(why or "ok", flush=True)
 
 

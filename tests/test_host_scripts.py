@@ -407,8 +407,9 @@ def test_a_process_runs_as_a_unit_only_where_systemd_can_take_it(root, tmp_path,
 
 @pytest.mark.parametrize("grep_has_z", [True, False])
 def test_alive_matches_a_whole_environment_entry_only(root, tmp_path, grep_has_z):
-    """`alive` reads a process's environment entry by entry: a value with a newline in it cannot
-    pass for the FLEET_PROC entry, with a grep that has -z or (the fallback) one that has not."""
+    """`alive` takes only this user's processes, and reads a process's environment entry by entry:
+    a value with a newline in it cannot pass for the FLEET_PROC entry, with a grep that has -z or
+    (the fallback) one that has not."""
     marker = f"FLEET_PROC={root}/svc"
     env_path = os.environ["PATH"]
     if not grep_has_z:  # a grep that, like some small ones, rejects -z (exit 2)
@@ -419,12 +420,15 @@ def test_alive_matches_a_whole_environment_entry_only(root, tmp_path, grep_has_z
         env_path = f"{bin_dir}:{env_path}"
     ours = subprocess.Popen(["sleep", "30"], env={"PATH": env_path, "FLEET_PROC": f"{root}/svc"})
     posing = subprocess.Popen(["sleep", "30"], env={"PATH": env_path, "X": f"a\n{marker}", "FLEET_PROC": f"{root}/other"})
+    # Another user's process that carries the marker itself (the session here is root's).
+    foreign = subprocess.Popen(["sleep", "30"], env={"PATH": env_path, "FLEET_PROC": f"{root}/svc"}, user="nobody")
     try:
+        pids = [ours.pid, posing.pid, foreign.pid]
         check = commands.script(commands.prelude(root), commands.Raw(
-            f'for p in {ours.pid} {posing.pid}; do if alive "$p" svc; then echo "$p yes"; else echo "$p no"; fi; done'))
+            f'for p in {" ".join(map(str, pids))}; do if alive "$p" svc; then echo "$p yes"; else echo "$p no"; fi; done'))
         out = subprocess.run(["sh", "-c", str(check)], capture_output=True, text=True, env={"PATH": env_path})
-        assert out.stdout.split("\n")[:2] == [f"{ours.pid} yes", f"{posing.pid} no"], out.stderr
+        assert out.stdout.split("\n")[:3] == [f"{ours.pid} yes", f"{posing.pid} no", f"{foreign.pid} no"], out.stderr
     finally:
-        for proc in (ours, posing):
+        for proc in (ours, posing, foreign):
             proc.kill()
             proc.wait()

@@ -572,6 +572,18 @@ def test_listening_waits_for_the_started_process_on_every_port_and_says_why_not(
     assert run("listening", root.path, "late", "70000").returncode == 2
 
 
+def test_another_users_process_with_the_marker_is_not_taken_for_ours():
+    marker = "FLEET_PROC=/srv/fleet/svc"
+    ours = subprocess.Popen(["sleep", "30"], env={"FLEET_PROC": "/srv/fleet/svc"})
+    foreign = subprocess.Popen(["sleep", "30"], env={"FLEET_PROC": "/srv/fleet/svc"}, user="nobody")
+    try:
+        assert supervisor.carries(ours.pid, marker) and not supervisor.carries(foreign.pid, marker)
+    finally:
+        for proc in (ours, foreign):
+            proc.kill()
+            proc.wait()
+
+
 def test_start_with_listen_waits_for_the_process_it_began_and_answers_on_a_second_line(root):
     port, other = free_port(), free_port()
     root.names.update({"late", "never"})
