@@ -1,6 +1,8 @@
 """How an inventory host is reached over SSH: ssh config, precedence, jumps (pure: no host is contacted)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -64,6 +66,12 @@ def test_match_exec_in_the_ssh_config_runs_its_command(tmp_path, monkeypatch):
         host = load_inventory(path).hosts["a"]
     assert marker.exists()
     assert (host.target.user, host.target.port) == ("fromexec", 22)
+
+
+def test_invoke_is_not_imported_until_a_match_exec_needs_it():
+    code = "import sys, fleet.cli; print(type(sys.modules['invoke']).__name__, 'unittest.mock' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["_ImportedOnUse", "False"]
 
 
 def test_inventory_values_win_over_the_ssh_config(tmp_path):
