@@ -22,13 +22,19 @@ def seconds(row, tool, phase):
     return result["seconds"] if result and result.get("seconds") is not None else None
 
 
-def cell(row, tool, phase):
+def cell(row, tool, phase, usual_reps):
+    """The median, and how many runs it is of where that is not the sitting's usual number."""
     value = seconds(row, tool, phase)
     if value is None:
         return "not run" if tool in row.get("not_run", ()) or tool not in row else "failed"
     reps = row.get("reps", {}).get(tool)
     runs = row[tool][phase]["runs"]
-    note = f" ({len(runs)} of {reps})" if reps and len(runs) != reps else "" if reps and reps > 1 else " (1 run)"
+    if reps and len(runs) != reps:
+        note = f" ({len(runs)} of {reps})"
+    elif len(runs) == 1:
+        note = " (1 run)"
+    else:
+        note = f" ({len(runs)} runs)" if len(runs) != usual_reps else ""
     return f"{value:.2f} s{note}"
 
 
@@ -41,7 +47,7 @@ def tools_of(rows):
     return [t for t in TOOLS if any(t in row or t in row.get("not_run", ()) for row in rows.values())]
 
 
-def table(rows):
+def table(rows, usual_reps):
     tools = tools_of(rows)
     lines = ["| N | run | " + " | ".join(TOOLS[t] for t in tools) + " | fleet / pyinfra | fleet / Ansible | "
              "fleet CPU | fleet peak memory |",
@@ -50,7 +56,7 @@ def table(rows):
         for phase in PHASES:
             fleet = row.get("fleet", {}).get(phase, {})
             cpu, peak = fleet.get("cpu_s"), fleet.get("peak_mb")
-            lines.append(f"| {n} | {phase} | " + " | ".join(cell(row, t, phase) for t in tools)
+            lines.append(f"| {n} | {phase} | " + " | ".join(cell(row, t, phase, usual_reps) for t in tools)
                          + f" | {ratio(row, 'fleet', 'pyinfra', phase)} | {ratio(row, 'fleet', 'ansible', phase)}"
                          f" | {f'{cpu:.2f} s' if cpu is not None else '-'}"
                          f" | {f'{peak:.0f} MB' if peak is not None else '-'} |")
@@ -136,7 +142,7 @@ def targets(rows):
             lines.append(f"- {phase}: not measured")
             continue
         held = "holds" if mine / theirs <= limit else "does not hold"
-        lines.append(f"- {phase}: {mine:.2f} s / {theirs:.2f} s = {mine / theirs:.2f} (target <= {limit}): {held}")
+        lines.append(f"- {phase}: {mine:.2f} s / {theirs:.2f} s = {mine / theirs:.3f} (target <= {limit}): {held}")
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +154,7 @@ def report(results):
         rows = results["tables"].get(login)
         if not rows:
             continue
-        parts += [f"### {title}", "", table(rows), ""]
+        parts += [f"### {title}", "", table(rows, results["reps"]), ""]
         if login == "plain" and targets(rows):
             parts += [targets(rows)]
         parts += ["The floor, measured at the start of each N:", "", floor_table(rows), "",
