@@ -164,12 +164,18 @@ start_proc() {
     sup mark "$R" "$1" "fleet start $2"
     start_unit "$1" "$log"; cat "$R/run/$1.pid" > "$R/run/$1.started" 2>/dev/null
   else
-    hot=; [ "${4:-0}" = 1 ] && hot=--hot-restart
-    answered "$1" "$(n=$1 f=$2 c=$3; shift 4; [ $# = 0 ] || set -- --listen "$@"
-      FLEET_SUPERVISOR="$R/$n" sup start "$R" "$n" --mark "fleet start $f" --grace "$GRACE" ${hot:+"$hot"} "$@" \
-        -- sh -c "exec $c" 2>> "$log" < /dev/null 9>&-)"
+    answered "$1" "$(supervise start "fleet start $2" "$@")"
   fi
   remember "$@"
+}
+# supervise ACTION TEXT NAME FINGERPRINT COMMAND HOT [SECONDS PORT...]: `sup start` (with the
+# grace, and Envoy's hot restart where HOT=1) or `sup reload` of NAME running COMMAND, its output
+# to NAME's log ($log), marked TEXT there; with SECONDS, --listen SECONDS PORT... (see start_proc).
+supervise() {
+  a=$1 m=$2 n=$3 c=$5 h=${6:-0}; shift 6
+  [ $# = 0 ] || set -- --listen "$@"
+  if [ "$a" = start ]; then set -- --grace "$GRACE" "$@"; [ "$h" != 1 ] || set -- --hot-restart "$@"; fi
+  FLEET_SUPERVISOR="$R/$n" sup "$a" "$R" "$n" --mark "$m" "$@" -- sh -c "exec $c" 2>> "$log" < /dev/null 9>&-
 }
 # restart_proc NAME FINGERPRINT COMMAND HOT [SECONDS PORT...]: the new version in place of the
 # running one. HOT=1 (Envoy) under a supervisor started that way: its next epoch starts beside the
@@ -178,8 +184,7 @@ start_proc() {
 restart_proc() {
   if [ "${4:-0}" = 1 ] && supervised "$1"; then
     log_of "$1"
-    if out=$(n=$1 f=$2 c=$3; shift 4; [ $# = 0 ] || set -- --listen "$@"
-             sup reload "$R" "$n" --mark "fleet hot restart $f" "$@" -- sh -c "exec $c" 2>> "$log" < /dev/null 9>&-); then
+    if out=$(supervise reload "fleet hot restart $2" "$@"); then
       answered "$1" "$out"; remember "$@"; return 0
     fi
   fi

@@ -738,9 +738,10 @@ class Releases:
 
     def record_if_settled(self, outcome):
         here = self._here(outcome)
-        if here and {s.name for s in here} <= self._changed([outcome]):
+        names = {s.name for s in here}
+        if names and names <= self._changed([outcome]):
             try:
-                self._record(outcome, here, {s.name for s in here})
+                self._record(outcome, here, names)
             except Exception:  # record_rest tries again once the rolls are done; an error there ends the run
                 self.recorded.discard(outcome.host)
 
