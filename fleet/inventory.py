@@ -457,17 +457,24 @@ def _check_same_targets(source, hosts):
 
 def _check_port_conflicts(source, services, hosts):
     """Two things listening on one port of one address would fail at start: refuse them up front.
+    A single backend's surge port counts too, though its twin listens only during a restart.
     Claims are per address, so two host names for one machine cannot share a port either."""
     taken = {}
     for name, service in services.items():
         keys = ("services", name)
-        claims = [(b.host, b.port, keys + ("backends", i), f"{name} backend") for i, b in enumerate(service.backends)]
+        claims = [(b.host, b.port, keys + ("backends", i), f"{name} backend", "")
+                  for i, b in enumerate(service.backends)]
         ingress = service.ingress
-        claims.append((ingress.host, ingress.port, keys + ("ingress", "port"), f"{name} Envoy listener"))
-        for host, port, where, what in claims:
+        claims.append((ingress.host, ingress.port, keys + ("ingress", "port"), f"{name} Envoy listener", ""))
+        if len(service.backends) == 1:  # its twin listens here while it restarts (runner._surge)
+            backend, port = service.backends[0], service.rollout.surge_port
+            where = keys + ("rollout", "surge_port") if port else keys + ("backends", 0)
+            claims.append((backend.host, port or rollout.surge_port(backend.port), where, f"{name} surge instance",
+                           ", the surge port of this single backend (rollout.surge_port),"))
+        for host, port, where, what, note in claims:
             slot = (_canonical_address(hosts[host].address), port)
             if slot in taken:
-                raise source.error(where, f"port {port} on host {host} is already taken by {taken[slot]}")
+                raise source.error(where, f"port {port} on host {host}{note} is already taken by {taken[slot]}")
             taken[slot] = f"{what} on {host}"
 
 

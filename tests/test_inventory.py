@@ -62,6 +62,15 @@ def test_shipped_inventories_load():
     (GOOD.replace("  b:\n", "  a:\n"), 4, "hosts.a", "duplicate key 'a'"),
     (GOOD.replace("      port: 8083", "      port: 7073"), 13, "services.inference.ingress.port",
      "port 7073 on host a is already taken by inference backend"),
+    # A single backend's twin takes port + 10000 (or rollout.surge_port) while it restarts.
+    (GOOD.replace("backends: [a, b]", "backends: [a]").replace("port: 8083", "port: 17073"), 10,
+     "services.inference.backends.0", "port 17073 on host a, the surge port of this single backend "
+                                      "(rollout.surge_port), is already taken by inference Envoy listener on a"),
+    (GOOD.replace("backends: [a, b]", "backends: [a]") + "    rollout:\n      surge_port: 8083\n", 15,
+     "services.inference.rollout.surge_port", "port 8083 on host a, the surge port"),
+    (GOOD.replace("backends: [a, b]", "backends: [a]") + "  other:\n    role: inference\n    port: 17073\n"
+     "    backends: [a]\n    ingress:\n      host: b\n      port: 8084\n", 17, "services.other.backends.0",
+     "port 17073 on host a is already taken by inference surge instance on a"),
     # Envoy's admin is a Unix socket since issue 8: the old key is refused, not ignored.
     (GOOD + "      admin_port: 9090\n", 14, "services.inference.ingress.admin_port", "unknown key"),
     (GOOD.replace("backends: [a, b]", "backends: [a, a]"), 10, "services.inference.backends.1", "listed twice"),
@@ -75,6 +84,12 @@ def test_bad_inventory_names_file_line_and_key(tmp_path, bad, line, key, words):
     assert words in err.message
     text = err.one_line()
     assert "\n" not in text and text.startswith(f"{tmp_path}/inv.yaml:{line}: ")
+
+
+def test_a_surge_port_moved_off_a_clash_loads(tmp_path):
+    text = (GOOD.replace("backends: [a, b]", "backends: [a]").replace("port: 8083", "port: 17073")
+            + "    rollout:\n      surge_port: 17074\n")
+    assert load_inventory(write(tmp_path, text)).services["inference"].rollout.surge_port == 17074
 
 
 def test_unknown_service_and_limit(tmp_path):
