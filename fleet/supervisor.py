@@ -42,7 +42,8 @@ them over), the older one is the child again, with its command; if the older one
 over, it is ended and the process starts afresh. A crash with no older epoch alive restarts at
 epoch 0. Each epoch 0 gets a new random base id (Envoy names its /dev/shm region after it, and
 /dev/shm is shared by every Envoy on the machine); the hot-restart sockets are files under
-ROOT/run, which only this user reaches.
+ROOT/run, which only this user reaches. The state line names the base id: a supervisor killed
+with -9 removes neither, so the next `start` or `stop` of NAME does.
 
 The child's stdout and stderr go through a pipe to ROOT/log/NAME.log (mode 0640), rotated by
 size: NAME.log.1 .. NAME.log.K hold the older output. Supervisor events are lines starting with
@@ -258,6 +259,24 @@ def shared_memory(base):
     return f"/dev/shm/envoy_shared_memory_{base * 10}"
 
 
+def socket_files(paths, suffix="*"):
+    """Envoy's hot-restart socket files of NAME under ROOT/run whose id ends the name with `suffix`."""
+    import glob
+
+    return glob.glob(f"{glob.escape(paths.hot_restart)}_*_{suffix}")
+
+
+def forget_dead_run(paths):
+    """What the Envoy of a supervisor that died without its clean-up (SIGKILL, a crash) left: its
+    /dev/shm region, which is the machine's and outlives ROOT, named by the base id of the
+    supervisor's last state line, and its hot-restart sockets. Only once nothing of NAME lives."""
+    base = paths.read_state().get("base_id", "-")
+    if not (base.isascii() and base.isdigit() and 0 < int(base) < BASE_IDS):
+        return
+    if not paths.live_supervisor() and not paths.live_child():
+        remove_quietly([shared_memory(int(base)), *socket_files(paths)])
+
+
 def remove_quietly(paths):
     for path in paths:
         try:
@@ -400,7 +419,7 @@ class Supervisor:
                   "last_exit": self.last_exit, "last_exit_at": self.last_exit_at,
                   "started_at": self.started_at, "delay": f"{self.delay:g}",
                   "epoch": self.epoch if self.options.hot_restart else "-", "reloads": self.reloads,
-                  "spawned": self.spawned}
+                  "spawned": self.spawned, "base_id": self.base_id if self.base_id is not None else "-"}
         write_atomic(self.paths.state, format_state(fields) + "\n")
 
     def write_pid(self):
@@ -492,11 +511,8 @@ class Supervisor:
         self.record()
 
     def hot_restart_sockets(self, epoch=None):
-        """The socket files Envoy made under ROOT/run for an epoch (or every epoch) of this base id."""
-        suffix = "*" if epoch is None else str(self.base_id * 10 + epoch)
-        import glob
-
-        return glob.glob(f"{glob.escape(self.paths.hot_restart)}_*_{suffix}")
+        """The socket files Envoy made under ROOT/run for an epoch of this base id (or any)."""
+        return socket_files(self.paths, "*" if epoch is None else str(self.base_id * 10 + epoch))
 
     def forget_base_id(self):
         """Removes what the epochs before left (Envoy's /dev/shm region and its socket files)."""
@@ -833,10 +849,14 @@ def wait_gone(pid, marker, timeout):
 
 
 def stop_orphan(paths, grace):
-    """A child alive without a live supervisor: SIGTERM, grace, SIGKILL."""
+    """A child alive without a live supervisor: SIGTERM, grace, SIGKILL; then what its run left."""
     child = paths.live_child()
-    if not child:
-        return
+    if child:
+        end_orphan(paths, child, grace)
+    forget_dead_run(paths)
+
+
+def end_orphan(paths, child, grace):
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try:
             os.kill(child, sig)

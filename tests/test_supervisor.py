@@ -491,6 +491,34 @@ def test_a_hot_restart_hands_envoy_over_to_its_next_epoch_without_a_failed_reque
     assert not [f for f in os.listdir(root.file("run")) if f.startswith("envoy.hot-restart_")]
 
 
+@pytest.mark.parametrize("then", ["start", "stop"])
+def test_what_a_killed_supervisors_envoy_left_in_dev_shm_goes_at_the_next_start_or_stop(root, tmp_path, then):
+    """SIGKILL to the supervisor: its Envoy follows (PDEATHSIG) and nothing removes the Envoy's
+    region in /dev/shm, which is the machine's. The next start or stop of the name does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = envoy_command(tmp_path, port, parent_shutdown=2)
+    first = root.start("envoy", *command("v1"), options=("--hot-restart",))
+    envoy, base = int(first["pid"]), base_id_of(int(first["pid"]))
+    assert first["base_id"] == str(base)
+    wait_for(lambda: os.path.exists(supervisor.shared_memory(base)), what="Envoy's shared memory")
+    os.kill(int(first["supervisor"]), signal.SIGKILL)
+    wait_for(lambda: not alive(envoy), what="the Envoy to follow its supervisor")
+    assert os.path.exists(supervisor.shared_memory(base))  # left behind
+    if then == "start":
+        again = root.start("envoy", *command("v1"), options=("--hot-restart",))
+        assert not os.path.exists(supervisor.shared_memory(base))
+        assert again["base_id"] != str(base)
+        wait_for(lambda: os.path.exists(supervisor.shared_memory(int(again["base_id"]))), what="the new region")
+        root.stop("envoy")
+        assert not os.path.exists(supervisor.shared_memory(int(again["base_id"])))
+    else:
+        assert root.stop("envoy")["state"] == "dead"
+        assert not os.path.exists(supervisor.shared_memory(base))
+    assert not [f for f in os.listdir(root.file("run")) if f.startswith("envoy.hot-restart_")]
+
+
 def test_a_new_epoch_that_dies_after_taking_over_is_replaced_by_a_fresh_envoy(root, tmp_path):
     """The old epoch handed its listeners over and drains; only the new one would have told it to
     exit. When the new one dies, the old one serves nothing: the supervisor ends it and starts
