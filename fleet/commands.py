@@ -181,14 +181,20 @@ supervise() {
 # running one. HOT=1 (Envoy) under a supervisor started that way: its next epoch starts beside the
 # running one, takes over its listening sockets and lets it drain, so no connection is refused.
 # Otherwise, or if the supervisor cannot, stop, then start. SECONDS PORT...: as start_proc.
+# After a reload that failed once it had marked the log, NAME's log is shown from that mark on:
+# the reload's own error is part of the story if the start fails too.
 restart_proc() {
+  reload_pos=
   if [ "${4:-0}" = 1 ] && supervised "$1"; then
-    log_of "$1"
+    log_of "$1"; value "$R/run/$1.logpos"; marked=$v
     if out=$(supervise reload "fleet hot restart $2" "$@"); then
       answered "$1" "$out"; remember "$@"; return 0
     fi
+    value "$R/run/$1.logpos"; [ "$v" = "$marked" ] || reload_pos=$v
   fi
-  stop_procs "$1"; start_proc "$@"
+  stop_procs "$1"; start_proc "$@"; start_code=$?
+  [ -z "$reload_pos" ] || echo "$reload_pos" > "$R/run/$1.logpos"
+  return "$start_code"
 }
 # Installs the unit of process $1 (a copy: it must not depend on $R being there early at boot),
 # enables and (re)starts it without waiting on systemd's job; returns once run/$1.pid (its

@@ -169,6 +169,25 @@ def test_a_failed_start_shows_only_this_runs_output(root):
         stop_all(root)
 
 
+def test_a_failed_hot_restart_keeps_its_own_error_in_what_a_failed_start_shows(root):
+    """svc ran under a supervisor without hot restart; the new version asks for one: the reload is
+    refused, fleet stops and starts instead, and that start fails too. Both are in the log shown."""
+    port = free_port()
+    good = state_for(root, b"v1", listener(port, "v1"), [port])
+    bad = state_for(root, b"v2", "sh -c 'echo this-run-output; exit 3'", [port], tag="v2")
+    bad.processes[0] = dataclasses.replace(bad.processes[0], hot_restart=True)
+    try:
+        assert deploy(root, good, "1-1")[0].exit_code == 0
+        result, report = deploy(root, bad, "1-2")
+        assert result.exit_code == 1
+        shown = report.logs["svc"]
+        assert "fleet hot restart v2" in shown and "start it instead" in shown
+        assert "this-run-output" in shown
+        assert report.rolled_back == ["svc"]
+    finally:
+        stop_all(root)
+
+
 def test_stop_ends_every_process_of_a_group_at_once(root, tmp_path):
     names = [f"p{i}" for i in range(4)]
     marks = tmp_path / "marks"
