@@ -456,12 +456,12 @@ sys.exit(0 if whole else 3)
 
 
 def receive(python, staging, files, need_kb=0):
-    """The script line that receives `files` ([(member, size, mode, label)]) from stdin into the
+    """The script line that receives `files` ([protocol.Sent]) from stdin into the
     staging directory (a shell word), run by the host's `python`; the step exits 3 unless all
     arrived whole. A receiver that failed otherwise (no interpreter, a crash) may have left bytes
     of the files unread, which the session would take for script lines: it ends the session
     (the controller reports the host's connection lost, with this line)."""
-    words = [w for member, size, mode, label in files for w in (member, int(size), f"{mode:o}", label)]
+    words = [w for sent in files for w in (sent.member, int(sent.size), f"{sent.mode:o}", sent.label)]
     return line(python, "-S", "-c", _RECEIVE, staging, Raw('"$R"'), int(need_kb), *words,
                 Raw(f'|| {{ r=$?; [ "$r" = 3 ] || {{ echo "{P.FAIL} transfer the receiver failed (exit $r): '
                     'the session ends, its input is out of step"; kill -KILL $$; }; exit 3; }'))
@@ -473,7 +473,7 @@ class Switch:
     files, then the switch script that the host runs detached from the connection)."""
 
     script: str
-    payload: list  # (member, spec with .content or .source)
+    payload: list  # [protocol.Sent]: what the script's receiver takes, in order
 
 
 @dataclass(frozen=True)
@@ -491,11 +491,10 @@ def apply(plan, txid):
     leaves it half done; the next run reports how it ended, or rolls back one that was cut off
     (a host reboot): see recover in the prelude."""
     txid = str(txid)
-    payload = list(plan.payload)
     switch_script = _switch(plan, txid).encode()
-    files = [(member, plan.size(spec), spec.mode, spec.path) for member, spec in payload]
-    files.append(("switch.sh", len(switch_script), 0o600, "switch script"))
-    need_kb = sum(size for _, size, _, _ in files) // 1024 + 1024  # room for the files, plus 1 MB
+    files = [P.Sent.measured(member, spec.mode, spec.path, spec) for member, spec in plan.payload]
+    files.append(P.Sent.measured("switch.sh", 0o600, "switch script", _Text(switch_script)))
+    need_kb = sum(sent.size for sent in files) // 1024 + 1024  # room for the files, plus 1 MB
     steps = [
         # A controller that is gone must not stop this step halfway: writes to it just fail.
         Raw("trap '' PIPE"),
@@ -503,8 +502,11 @@ def apply(plan, txid):
         assign("J", Raw('"$R"/.switch/'), txid),
         # Staging never outlives the step; the switch directory only once the switch has started.
         Raw("trap 'rm -rf \"$S\"; [ -f \"$J/switch.sh\" ] || rm -rf \"$J\"' EXIT"),
-        Raw('[ ! -e "$R/.staging" ] || rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous" || exit 3'),
+        # Until the receiver has read the files, the step must not end: their bytes would be read
+        # as the session's next lines. If the directories cannot be made, it drains them.
+        Raw('[ ! -e "$R/.staging" ] || rm -rf "$R/.staging"; mkdir -p "$S" "$J/previous"; made=$?'),
         receive(plan.state.host.python, Raw('"$S"'), files, need_kb),
+        Raw('[ "$made" = 0 ] || exit 3'),
         Raw('mv "$S/switch.sh" "$J/switch.sh"'),
         # Its own session, output to the journal only: nothing it does depends on the connection.
         Raw('setsid sh "$J/switch.sh" > "$J/journal" 2>&1 < /dev/null &'),
@@ -514,7 +516,7 @@ def apply(plan, txid):
         Raw('cat "$J/journal"'),
         Raw('exit "$code"'),
     ]
-    return Switch(script=script(*steps), payload=payload + [("switch.sh", _Text(switch_script))])
+    return Switch(script=script(*steps), payload=files)
 
 
 def forget_switch(txid):

@@ -104,6 +104,9 @@ class ScriptSession:
             code = protocol.done_code(line)
             if code is not None:
                 feeder.join()
+                if error:  # its input was ended: the session can run nothing more
+                    self.failure = f"sending files failed: {error[0]}"
+                    raise ConnectFailed(self.failure)
                 return Result(exit_code=code, output="\n".join(output))
             output.append(line)
             if on_line:
@@ -134,23 +137,38 @@ class ScriptSession:
         return line.decode(errors="replace")
 
     def _send_files(self, payload, error, on_bytes=None):
-        """on_bytes(count), if given, after each block of a file artifact (progress of large ones)."""
+        """Sends each protocol.Sent's `size` bytes. A file that cannot be sent whole as it was
+        measured (gone, grown, shrunk, rewritten while read) is not sent at all or not finished:
+        the host's input is ended, so its receiver fails the step and nothing is placed.
+        on_bytes(count), if given, after each block of a file artifact (progress of large ones)."""
         # Blocks go out as views of one buffer: paramiko's sendall slices what it has left after
         # every 32 KB packet, which for a bytes block copied ~16 MB per MB sent (half the
         # controller's CPU for the Envoy binary, where a deploy starves it of CPU the most).
         buffer = memoryview(bytearray(1 << 20))
         try:
-            for _, spec in payload:
-                if spec.content is not None:
-                    self._write(spec.content)
-                else:
-                    with open(spec.source, "rb") as f:
-                        while count := f.readinto(buffer):
-                            self._write(buffer[:count])
-                            if on_bytes:
-                                on_bytes(count)
-        except (OSError, EOFError, paramiko.SSHException) as e:
+            for sent in payload:
+                if sent.body.content is not None:
+                    self._write(sent.body.content)
+                    continue
+                with open(sent.body.source, "rb") as f:
+                    left = sent.size if protocol.file_identity(os.fstat(f.fileno())) == sent.identity else -1
+                    while left > 0 and (count := f.readinto(buffer[:min(left, len(buffer))])):
+                        left -= count
+                        # The last block goes out only if the file is still the one measured.
+                        if not left and protocol.file_identity(os.fstat(f.fileno())) != sent.identity:
+                            left = -1
+                            break
+                        self._write(buffer[:count])
+                        if on_bytes:
+                            on_bytes(count)
+                    if left:
+                        raise ChangedWhileSent(f"{sent.body.source} changed on the controller while it was sent "
+                                               f"({sent.size} bytes when measured): run again")
+        except (OSError, EOFError, paramiko.SSHException, ChangedWhileSent) as e:
             error.append(str(e) or type(e).__name__)
+            # The host must not wait for the rest, nor read it as script lines.
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                self._close_write()
 
     def close(self):
         """Ends the session (releasing the lock) and waits, boundedly, for it to exit: its exit
@@ -168,6 +186,10 @@ class ScriptSession:
         except (OSError, EOFError, paramiko.SSHException, ConnectFailed):
             return None
         return self._exit_status()
+
+
+class ChangedWhileSent(Exception):
+    """A controller file was not what was measured for the step's receiver when it was sent."""
 
 
 def _last(lines):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 
 from fleet import commands, connection
-from fleet.artifacts import cache_dir, file_sha256, fill_once, last_line as _last
-from fleet.protocol import PLATFORM, VENV, WHEELS
+from fleet.artifacts import Unavailable, cache_dir, file_sha256, fill_once, last_line as _last
+from fleet.protocol import PLATFORM, VENV, WHEELS, Sent
 from fleet.shell import Raw, line, script
 
 SERVICES_DISTRIBUTION = "friesian-services"
@@ -106,9 +106,9 @@ def prepare(host, session):
         return
     there = set(found.get(WHEELS, "").split())
     missing = [w for w in wheels if w.name not in there]
-    size = sum(os.path.getsize(w.source) for w in missing)
-    result = session.run(install_script(host, wheels, missing, wanted), VENV_SECONDS + size / (1 << 20), "venv",
-                         payload=[(w.name, w) for w in missing])
+    sent = [Sent.measured(w.name, 0o600, w.name, w) for w in missing]
+    result = session.run(install_script(host, wheels, sent, wanted),
+                         VENV_SECONDS + sum(s.size for s in sent) / (1 << 20), "venv", payload=sent)
     if result.exit_code != 0:
         raise connection.ConnectFailed(f"building the venv on {host.name} failed: {_last(result.output)}")
 
@@ -117,14 +117,14 @@ def wheel_set(wheels):
     return hashlib.sha256(" ".join(sorted(w.name for w in wheels)).encode()).hexdigest()[:16]
 
 
-def install_script(host, wheels, missing, wanted):
-    """Receives the `missing` wheels, builds ROOT/venv.new from the host's python and all
+def install_script(host, wheels, sent, wanted):
+    """Receives the missing wheels (`sent`: protocol.Sent), builds ROOT/venv.new from the host's python and all
     `wheels`, then swaps it in for ROOT/venv."""
     names = [w.name for w in wheels]
     return script(
-        Raw('S="$R/wheels"; mkdir -p "$S" || exit 3'),
-        commands.receive(host.venv_from, Raw('"$S"'), [(w.name, os.path.getsize(w.source), 0o600, w.name)
-                                                        for w in missing]),
+        Raw('S="$R/wheels"; mkdir -p "$S"; made=$?'),  # the wheels are read (drained) either way
+        commands.receive(host.venv_from, Raw('"$S"'), sent),
+        Raw('[ "$made" = 0 ] || exit 3'),
         Raw('rm -rf "$R/venv.new"'),
         line(host.venv_from, Raw('-m venv --without-pip "$R/venv.new" ||'),
              Raw('{ echo "python -m venv failed (Debian: apt-get install python3-venv)"; exit 3; }')),

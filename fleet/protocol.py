@@ -6,7 +6,9 @@ followed by a line `@@run`; the session runs it in a subshell and answers with i
 by `@@done EXIT_CODE`. Output lines that start with `@@` are reports, parsed by facts.parse; any
 other line is the free text of a failing command, kept for error messages."""
 
+import os
 from enum import Enum
+from typing import NamedTuple
 
 # Session framing.
 READY = "@@ready"  # the session holds the host's deploy lock (or runs without one) and waits for steps
@@ -19,6 +21,34 @@ LOCKED_EXIT = 75
 # `@@machine SYSTEM MACHINE`: the host's `uname -s` and `uname -m`, before READY (the Envoy binary
 # and other machine-specific artifacts are chosen by it, runner.for_machine)
 MACHINE = "@@machine"
+
+
+class Sent(NamedTuple):
+    """A file that follows a step's script on the session's input. The step's receiver
+    (commands.receive) takes exactly `size` bytes as `member`, and the controller sends exactly
+    that many (connection.ScriptSession): one list drives both, so the bytes of a file can never
+    be read as script lines. `body` has `content` (bytes) or else `source` (a controller path),
+    sent only while it is still the file measured (`identity`)."""
+
+    member: str
+    size: int
+    mode: int
+    label: str  # names the file in a failure
+    body: object
+    identity: tuple | None = None  # file_identity of `source` when measured
+
+    @classmethod
+    def measured(cls, member, mode, label, body):
+        if body.content is not None:
+            return cls(member, len(body.content), mode, label, body)
+        identity = file_identity(os.stat(body.source))
+        return cls(member, identity[0], mode, label, body, identity)
+
+
+def file_identity(st):
+    """What a write, a truncation or a replacement of a file changes: its size first."""
+    return st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
 
 # Reports inside a step's output.
 FILE = "@@file"  # `@@file present|absent PATH`

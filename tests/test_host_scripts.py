@@ -5,6 +5,7 @@ a full disk, and a switch whose connection dies while a bad version starts (docs
 
 import dataclasses
 import os
+import re
 import shlex
 import signal
 import socket
@@ -67,7 +68,7 @@ def all_scripts(root, value):
         "facts": head + commands.facts(state),
         "facts, read-only": head + commands.facts(state, recover=False),
         "apply": head + switch.script,
-        "switch": switch.payload[-1][1].content.decode(),
+        "switch": switch.payload[-1].body.content.decode(),
         "stop": head + commands.stop([["envoy-svc"], ["svc", "other"]]),
         "Envoy admin": head + commands.envoy_admin_get(sys.executable, f"{root}/envoy/svc/admin.sock", "/clusters", 5),
     }
@@ -267,6 +268,75 @@ def test_a_receiver_that_cannot_run_ends_the_session_rather_than_run_the_files(r
     assert not marker.exists()
 
 
+def test_a_step_that_cannot_make_its_directories_still_reads_its_files(root, tmp_path):
+    """ROOT/.switch is a file, so the switch directory cannot be made: the step fails, but only
+    after its receiver has read the files, which would otherwise be the session's next lines."""
+    marker = tmp_path / "PWNED6"
+    state = state_for(root, f"touch {marker}\n{protocol.RUN}\n".encode() * 3, f"{sys.executable} -c pass", [])
+    os.makedirs(root)
+    open(os.path.join(root, ".switch"), "w").close()
+    conn, shell = open_session(root)
+    try:
+        switch = commands.apply(plan.plan_host(state, facts.Report()), "1-1")
+        result = shell.run(switch.script, STEP, "apply", payload=switch.payload)
+        assert result.exit_code == 3
+        assert "Not a directory" in result.output
+        after = facts.parse(shell.run(commands.facts(state), STEP, "facts").output)  # still in step
+        assert after.procs.get("svc") is None or not after.procs["svc"].alive
+    finally:
+        shell.close()
+        conn.close()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("change", ["grown", "shrunk", "gone", "rewritten, same size", "rewritten while sent"])
+def test_a_controller_file_changed_after_it_was_measured_is_neither_placed_nor_run(root, tmp_path, change):
+    """The receiver was told the size measured when the step was built; the file changes before
+    or while it is sent. Sending it as it is now would leave bytes for the session to read as
+    script lines (grown), take the next step's lines as file bytes (shrunk), or place content
+    under a name that is not its hash (rewritten): it is not sent (or not finished), the step
+    fails naming the file, nothing is placed and the session runs nothing more."""
+    marker = tmp_path / "PWNED5"
+    source = tmp_path / "artifact.bin"
+    source.write_bytes(b"v1" * (3 << 19))  # 3 MB: sent in three blocks
+    state = state_for(root, b"v1", f"{sys.executable} -c pass", [])
+    placed = os.path.join(root, "artifacts", "0123456789abcdef", "artifact.bin")
+    state.files.append(FileSpec(task="svc.role.artifact", path=placed, sha256="0" * 64, source=str(source)))
+    state.tasks.insert(0, "svc.role.artifact")
+    conn, shell = open_session(root)
+    try:
+        switch = commands.apply(plan.plan_host(state, facts.Report()), "1-1")
+        rewrite = []
+        if change == "rewritten while sent":  # in place, same size, after the first block went out
+            def rewrite_once(_count):
+                if not rewrite:
+                    with open(source, "r+b") as f:
+                        f.write(f"touch {marker}\n".encode())
+                    rewrite.append(True)
+        elif change == "grown":
+            with open(source, "ab") as f:
+                f.write(f"\ntouch {marker}\n{protocol.RUN}\n".encode() * 3)
+        elif change == "shrunk":
+            source.write_bytes(b"v2")
+        elif change == "rewritten, same size":
+            time.sleep(0.05)  # past the filesystem's timestamp tick
+            source.write_bytes(b"v3" * (3 << 19))
+        else:
+            source.unlink()
+        why = "No such file" if change == "gone" else re.escape(f"{source} changed on the controller while it was sent")
+        with pytest.raises(connection.ConnectFailed, match=f"sending files failed: .*{why}"):
+            shell.run(switch.script, STEP, "apply", payload=switch.payload,
+                      on_bytes=rewrite_once if change == "rewritten while sent" else None)
+        with pytest.raises(connection.ConnectFailed, match="sending files failed"):
+            shell.run(commands.facts(state), STEP, "facts")
+    finally:
+        shell.close()
+        conn.close()
+    assert not marker.exists()
+    assert not os.path.exists(placed)
+    assert not os.path.exists(os.path.join(root, "run", "svc.pid"))
+
+
 def test_steps_run_in_the_root_not_where_the_login_started(root, tmp_path, monkeypatch):
     """`python -c` imports from its working directory first: a module a local user left in the
     login's home, or where fleet ran locally, is never what a step imports."""
@@ -314,8 +384,8 @@ def start_switch(root, state, txid):
     report = facts.parse(shell.run(commands.facts(state), STEP, "facts").output)
     switch = commands.apply(plan.plan_host(state, report), txid)
     shell._write(protocol.frame(switch.script))
-    for _, spec in switch.payload:
-        shell._write(spec.content)
+    for sent in switch.payload:
+        shell._write(sent.body.content)
     wait_for(lambda: os.path.exists(os.path.join(root, ".switch", txid, "journal")), 20, "the switch to start")
     return conn
 
