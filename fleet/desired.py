@@ -57,6 +57,7 @@ class HostState:
     # The machine ("Linux x86_64") its machine-specific artifacts (artifacts.MACHINE_SPECIFIC) were
     # resolved for: the host's, once its session reported it, else the controller's; None if it has none.
     machine: str | None = None
+    machine_files: list = field(default_factory=list)  # paths of those artifacts on the host
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,11 @@ def _apply_role(state, role, service, context, project, base_dir, secrets, machi
         args = renderer.value(task.args, context, where)
         if task.module == "upload":
             artifact = project.resolve_artifact(args["src"], base_dir, machine=machine)
-            if args["src"] in artifacts.MACHINE_SPECIFIC:
-                state.machine = machine or artifacts.controller_machine()
             path = _under_root(state.host.root, posixpath.join("artifacts", artifact.sha256[:16], artifact.name),
                                where, task.name)
+            if args["src"] in artifacts.MACHINE_SPECIFIC:
+                state.machine = machine or artifacts.controller_machine()
+                state.machine_files.append(path)
             spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),
                             source=artifact.path)
             files, restart_files = [spec], [spec]

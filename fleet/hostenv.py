@@ -25,6 +25,10 @@ SERVICES_DISTRIBUTION = "friesian-services"
 # Deadlines of its host steps: the probe, and building the venv (plus a second per MiB of wheels).
 PROBE_SECONDS = 30
 VENV_SECONDS = 120
+PIP_SECONDS = 600  # one pip download of the wheel set, at most
+# How long a run waits for another run's fill of a wheel set: two pip rounds (the second fetches
+# what pip left out, _left_out), and some.
+WHEELS_FILL_WAIT_SECONDS = 2 * PIP_SECONDS + 60
 _PROBE = ("import platform, sys; libc, version = platform.libc_ver(); "
           f"print({PLATFORM!r}, platform.machine(), libc or 'musl', version or '1.2', platform.python_version())")
 # Unzips wheels into the venv's site-packages; a wheel's NAME.data/{purelib,platlib} go there too.
@@ -156,7 +160,10 @@ def wheelhouse(platform, download=None):
     reqs = requirements()
     key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
     directory = os.path.join(cache_dir(), "wheels", f"{platform.tag}-{platform.python}-{key}")
-    fill_once(directory, lambda d: (download or _pip_download)(platform, reqs, d))
+    try:
+        fill_once(directory, lambda d: (download or _pip_download)(platform, reqs, d), WHEELS_FILL_WAIT_SECONDS)
+    except Unavailable as e:  # another run's fetch outlasted the wait: this host cannot be prepared now
+        raise connection.ConnectFailed(str(e)) from None
     paths = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".whl")]
     return [Wheel(source=p, name=f"{file_sha256(p)[:16]}-{os.path.basename(p)}") for p in paths]
 
@@ -170,7 +177,7 @@ def _pip_download(platform, reqs, directory):
                "--only-binary=:all:", *[arg for tag in platform.tags() for arg in ("--platform", tag)],
                "--python-version", platform.python, "--implementation", "cp", "-d", staging]
     while reqs:
-        proc = subprocess.run(command + reqs, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(command + reqs, capture_output=True, text=True, timeout=PIP_SECONDS)
         if proc.returncode != 0:
             raise connection.ConnectFailed(f"cannot fetch wheels for {platform.tag}, Python {platform.python}: "
                                            f"{_last(proc.stderr + proc.stdout)}")

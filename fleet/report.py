@@ -52,7 +52,8 @@ def status_host(status):
                           "restarts": supervision.restarts if supervision else None,
                           "last_exit": supervision.last_exit if supervision else None,
                           "ports": _ports([c for c in status.ports if c.process == name]),
-                          "release": status.releases.get(name), "drift": status.drift.get(name, [])})
+                          "release": status.releases.get(name), "drift": status.drift.get(name, []),
+                          "not_compared": status.not_compared.get(name)})
     return {"host": status.host, "ok": status.error is None and all(c.ok for c in status.ports)
             and all(p["state"] == "running" for p in processes), "error": status.error,
             "drifted": bool(status.drift), "processes": processes, "systemd": status.systemd}

