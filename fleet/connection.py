@@ -162,8 +162,8 @@ class ScriptSession:
                         if on_bytes:
                             on_bytes(count)
                     if left:
-                        raise ChangedWhileSent(f"{sent.body.source} changed on the controller while it was sent "
-                                               f"({sent.size} bytes when measured): run again")
+                        raise ChangedWhileSent(f"{sent.body.source} changed on the controller since fleet measured "
+                                               f"it ({sent.size} bytes then): run again")
         except (OSError, EOFError, paramiko.SSHException, ChangedWhileSent) as e:
             error.append(str(e) or type(e).__name__)
             # The host must not wait for the rest, nor read it as script lines.

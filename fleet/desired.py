@@ -32,6 +32,9 @@ class FileSpec:
     content: bytes | None = None
     source: str | None = None
     secret: bool = False  # holds a secret value: mode 0600, its old contents never shown
+    # protocol.file_identity of `source` when it was hashed (artifacts.Artifact.identity): what is
+    # sent under this sha256 must still be that file.
+    identity: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,10 @@ def add_supervisor(state):
     """Every process runs under fleet's supervisor, content-addressed like an artifact: a new
     version never replaces the file a running supervisor was started from. (A switch places all
     its files before it starts any process, so its place in the list does not matter.)"""
-    sha = artifacts.file_sha256(SUPERVISOR_SOURCE)
+    sha, identity = artifacts.stamped_sha256(SUPERVISOR_SOURCE)
     path = posixpath.join(state.host.root, "artifacts", sha[:16], "supervisor.py")
-    state.files.append(FileSpec(task=SUPERVISOR_TASK, path=path, sha256=sha, source=SUPERVISOR_SOURCE))
+    state.files.append(FileSpec(task=SUPERVISOR_TASK, path=path, sha256=sha, source=SUPERVISOR_SOURCE,
+                                identity=identity))
     state.tasks.append(SUPERVISOR_TASK)
     state.supervisor = path
 
@@ -171,7 +175,7 @@ def _apply_role(state, role, service, context, project, base_dir, secrets, machi
                 state.machine = machine or artifacts.controller_machine()
                 state.machine_files.append(path)
             spec = FileSpec(task=label, path=path, sha256=artifact.sha256, mode=int(args.get("mode", "0644"), 8),
-                            source=artifact.path)
+                            source=artifact.path, identity=artifact.identity)
             files, restart_files = [spec], [spec]
         elif task.module == "template":
             text = renderer.file(args["src"], context).encode()

@@ -22,7 +22,9 @@ class HostPlan:
 
     @staticmethod
     def size(spec):
-        return len(spec.content) if spec.content is not None else os.path.getsize(spec.source)
+        if spec.content is not None:
+            return len(spec.content)
+        return spec.identity[0] if spec.identity else os.path.getsize(spec.source)
 
     def files_by_task(self):
         grouped = {}

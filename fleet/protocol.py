@@ -41,7 +41,8 @@ class Sent(NamedTuple):
     def measured(cls, member, mode, label, body):
         if body.content is not None:
             return cls(member, len(body.content), mode, label, body)
-        identity = file_identity(os.stat(body.source))
+        # As it was when hashed, where that is known: a file changed since is not what its sha256 names.
+        identity = getattr(body, "identity", None) or file_identity(os.stat(body.source))
         return cls(member, identity[0], mode, label, body, identity)
 
 

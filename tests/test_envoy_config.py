@@ -109,21 +109,21 @@ def test_a_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     remembered = tmp_path / "cache" / "fleet" / "sha256"
     envoy = artifacts.resolve("builtin:envoy", ".").path  # installed long ago: remembered
-    artifacts.file_sha256.cache_clear()
+    artifacts.stamped_sha256.cache_clear()
     digest = artifacts.file_sha256(envoy)
     assert len(os.listdir(remembered)) == 1
     (entry,) = os.listdir(remembered)
     (remembered / entry).write_text("f" * 64)  # what the cache says is what a later run gets
-    artifacts.file_sha256.cache_clear()
+    artifacts.stamped_sha256.cache_clear()
     assert artifacts.file_sha256(envoy) == "f" * 64 != digest
     # A file written just now is hashed every time, even rewritten with its size and mtime kept.
     path = tmp_path / "artifact.bin"
     path.write_bytes(b"a" * 1000)
-    artifacts.file_sha256.cache_clear()
+    artifacts.stamped_sha256.cache_clear()
     assert artifacts.file_sha256(str(path)) == hashlib.sha256(b"a" * 1000).hexdigest()
     stat = os.stat(path)
     path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    artifacts.file_sha256.cache_clear()
+    artifacts.stamped_sha256.cache_clear()
     assert artifacts.file_sha256(str(path)) == hashlib.sha256(b"b" * 1000).hexdigest()
     assert len(os.listdir(remembered)) == 1

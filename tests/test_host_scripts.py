@@ -289,7 +289,8 @@ def test_a_step_that_cannot_make_its_directories_still_reads_its_files(root, tmp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("change", ["grown", "shrunk", "gone", "rewritten, same size", "rewritten while sent"])
+@pytest.mark.parametrize("change", ["grown", "shrunk", "gone", "rewritten, same size", "rewritten while sent",
+                                    "rewritten after it was hashed"])
 def test_a_controller_file_changed_after_it_was_measured_is_neither_placed_nor_run(root, tmp_path, change):
     """The receiver was told the size measured when the step was built; the file changes before
     or while it is sent. Sending it as it is now would leave bytes for the session to read as
@@ -301,8 +302,13 @@ def test_a_controller_file_changed_after_it_was_measured_is_neither_placed_nor_r
     source.write_bytes(b"v1" * (3 << 19))  # 3 MB: sent in three blocks
     state = state_for(root, b"v1", f"{sys.executable} -c pass", [])
     placed = os.path.join(root, "artifacts", "0123456789abcdef", "artifact.bin")
-    state.files.append(FileSpec(task="svc.role.artifact", path=placed, sha256="0" * 64, source=str(source)))
+    hashed = protocol.file_identity(os.stat(source))  # as artifacts.stamped_sha256 records it
+    state.files.append(FileSpec(task="svc.role.artifact", path=placed, sha256="0" * 64, source=str(source),
+                                identity=hashed))
     state.tasks.insert(0, "svc.role.artifact")
+    if change == "rewritten after it was hashed":  # before the step is built: its size is the same
+        time.sleep(0.05)  # past the filesystem's timestamp tick
+        source.write_bytes(b"v4" * (3 << 19))
     conn, shell = open_session(root)
     try:
         switch = commands.apply(plan.plan_host(state, facts.Report()), "1-1")
@@ -321,9 +327,9 @@ def test_a_controller_file_changed_after_it_was_measured_is_neither_placed_nor_r
         elif change == "rewritten, same size":
             time.sleep(0.05)  # past the filesystem's timestamp tick
             source.write_bytes(b"v3" * (3 << 19))
-        else:
+        elif change == "gone":
             source.unlink()
-        why = "No such file" if change == "gone" else re.escape(f"{source} changed on the controller while it was sent")
+        why = "No such file" if change == "gone" else re.escape(f"{source} changed on the controller")
         with pytest.raises(connection.ConnectFailed, match=f"sending files failed: .*{why}"):
             shell.run(switch.script, STEP, "apply", payload=switch.payload,
                       on_bytes=rewrite_once if change == "rewritten while sent" else None)
