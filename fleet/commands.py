@@ -401,7 +401,8 @@ def _report_content(path, name=None):
 # pipeline per file was five forks each): exactly SIZE bytes per file whatever happens, so that
 # the bytes of later files are never read as script lines; a write that fails (a full disk) reads
 # the rest all the same. Each file is created private, gets its MODE once whole, and a file short
-# of bytes is reported. With NEED_KB, too little room under ROOT reads everything and writes nothing.
+# of bytes is reported and removed (wheels are received where they stay: a part of one would pass
+# for the whole next time). With NEED_KB, too little room under ROOT reads everything and writes nothing.
 _RECEIVE = _with_markers(r"""
 import fcntl, os, sys
 staging, root, need_kb = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -451,6 +452,10 @@ for name, size, mode, label in files:
     if why:
         print(f"%FAIL% transfer {label} did not arrive whole: {why}", flush=True)
         whole = False
+        try:
+            os.unlink(os.path.join(staging, name))
+        except OSError:
+            pass
 sys.exit(0 if whole else 3)
 """)
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from fleet import commands, connection, facts, plan, protocol
+from fleet import commands, connection, facts, hostenv, plan, protocol
 from fleet.desired import FileSpec, HostState, ProcessSpec, add_supervisor
 from fleet.inventory import Host
 
@@ -341,6 +341,26 @@ def test_a_controller_file_changed_after_it_was_measured_is_neither_placed_nor_r
     assert not marker.exists()
     assert not os.path.exists(placed)
     assert not os.path.exists(os.path.join(root, "run", "svc.pid"))
+
+
+def test_a_file_that_did_not_arrive_whole_is_not_left_where_it_was_received(root, tmp_path):
+    """Wheels are received into ROOT/wheels, where they stay: a part of one left there would be
+    taken for the whole wheel by the next run, and its venv would never build again."""
+    source = tmp_path / "dep-1.0-py3-none-any.whl"
+    source.write_bytes(b"w" * (3 << 20))
+    wheels = tmp_path / "wheels"
+    sent = [protocol.Sent.measured(source.name, 0o600, source.name, hostenv.Wheel(source=str(source), name=source.name))]
+    step = commands.script(commands.assign("S", str(wheels)), commands.Raw('mkdir -p "$S"'),
+                           commands.receive(sys.executable, commands.Raw('"$S"'), sent))
+    source.write_bytes(b"w" * (1 << 20))  # shorter than measured: the receiver gets what was sent, then the end
+    conn, shell = open_session(root)
+    try:
+        with pytest.raises(connection.ConnectFailed, match="sending files failed"):
+            shell.run(step, STEP, "wheels", payload=sent)
+    finally:
+        shell.close()
+        conn.close()
+    assert wheels.is_dir() and not os.listdir(wheels)
 
 
 def test_steps_run_in_the_root_not_where_the_login_started(root, tmp_path, monkeypatch):
