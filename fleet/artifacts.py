@@ -205,27 +205,23 @@ def fill_once(directory, fill, wait):
     """Calls fill(directory) unless DIRECTORY/.complete exists (fill writes it last, so a
     half-filled directory is filled again), one call at a time per directory: across this run's
     threads (a lock) and across fleet runs on this controller (flock on DIRECTORY.lock). Waits at
-    most `wait` seconds for a fill elsewhere, then Unavailable."""
-    deadline = time.monotonic() + wait
+    most `wait` seconds for another run's fill, then Unavailable. (A thread of this run that holds
+    the lock is bounded by that wait and by its own fill's deadline, so the others just wait.)"""
     with _filling_lock:
         lock = _filling.setdefault(directory, threading.Lock())
     complete = os.path.join(directory, ".complete")
-    why = f"{directory} is still being filled after {wait} s (by another fleet run?)"
-    if not lock.acquire(timeout=wait):
-        raise Unavailable(why)
-    try:
+    with lock:
         if os.path.exists(complete):
             return
         os.makedirs(os.path.dirname(directory), exist_ok=True)
         fd = os.open(directory + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            _flock_until(fd, deadline, why)
+            _flock_until(fd, time.monotonic() + wait,
+                         f"{directory} is still being filled after {wait} s (by another fleet run?)")
             if not os.path.exists(complete):
                 fill(directory)
         finally:
             os.close(fd)  # releases the flock
-    finally:
-        lock.release()
 
 
 def _flock_until(fd, deadline, why):

@@ -9,6 +9,7 @@ wheel set its venv holds; only if that differs, a second step receives the missi
 import email.parser
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,10 @@ SERVICES_DISTRIBUTION = "friesian-services"
 PROBE_SECONDS = 30
 VENV_SECONDS = 120
 PIP_SECONDS = 600  # one pip download of the wheel set, at most
-# How long a run waits for another run's fill of a wheel set: two pip rounds (the second fetches
-# what pip left out, _left_out), and some.
-WHEELS_FILL_WAIT_SECONDS = 2 * PIP_SECONDS + 60
+# pip downloads: the wheel set, then what pip left out (_left_out), then what those need.
+PIP_ROUNDS = 3
+# How long a run waits for another run's fill of a wheel set: its pip rounds, and a minute.
+WHEELS_FILL_WAIT_SECONDS = PIP_ROUNDS * PIP_SECONDS + 60
 _PROBE = ("import platform, sys; libc, version = platform.libc_ver(); "
           f"print({PLATFORM!r}, platform.machine(), libc or 'musl', version or '1.2', platform.python_version())")
 # Unzips wheels into the venv's site-packages; a wheel's NAME.data/{purelib,platlib} go there too.
@@ -176,14 +178,28 @@ def _pip_download(platform, reqs, directory):
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                "--only-binary=:all:", *[arg for tag in platform.tags() for arg in ("--platform", tag)],
                "--python-version", platform.python, "--implementation", "cp", "-d", staging]
-    while reqs:
-        proc = subprocess.run(command + reqs, capture_output=True, text=True, timeout=PIP_SECONDS)
-        if proc.returncode != 0:
-            raise connection.ConnectFailed(f"cannot fetch wheels for {platform.tag}, Python {platform.python}: "
-                                           f"{_last(proc.stderr + proc.stdout)}")
-        reqs = _left_out(staging, platform.markers())
+    try:
+        _pip_rounds(command, reqs, staging, platform)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     open(os.path.join(staging, ".complete"), "w").close()
     os.replace(staging, directory)
+
+
+def _pip_rounds(command, reqs, staging, platform):
+    where = f"wheels for {platform.tag}, Python {platform.python}"
+    for _ in range(PIP_ROUNDS):
+        try:
+            proc = subprocess.run(command + reqs, capture_output=True, text=True, timeout=PIP_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise connection.ConnectFailed(f"pip download of {where} took over {PIP_SECONDS} s") from None
+        if proc.returncode != 0:
+            raise connection.ConnectFailed(f"cannot fetch {where}: {_last(proc.stderr + proc.stdout)}")
+        reqs = _left_out(staging, platform.markers())
+        if not reqs:
+            return
+    raise connection.ConnectFailed(f"cannot fetch {where}: pip left out {', '.join(reqs)} after {PIP_ROUNDS} rounds")
 
 
 def _left_out(directory, environment):

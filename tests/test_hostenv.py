@@ -4,7 +4,10 @@ leaves out when it judges markers by the controller's Python."""
 import io
 import zipfile
 
-from fleet.hostenv import Platform, _left_out
+import pytest
+
+from fleet.connection import ConnectFailed
+from fleet.hostenv import PIP_ROUNDS, Platform, _left_out, _pip_rounds
 
 
 def test_platform_tags_go_down_to_manylinux2014():
@@ -30,3 +33,13 @@ def test_left_out_requirements_are_judged_by_the_hosts_python(tmp_path):
     assert _left_out(str(tmp_path), host.markers()) == ["async-timeout>=4.0.3"]
     newer = Platform("x86_64", "glibc", "2.36", "3.12.1")
     assert _left_out(str(tmp_path), newer.markers()) == []
+
+
+def test_pip_rounds_are_bounded_when_pip_never_fetches_what_was_left_out(tmp_path):
+    """A wheel needs `ghost`, which every round asks for and no round brings (here `true` stands
+    for a pip that succeeds and fetches nothing): after PIP_ROUNDS rounds it stops, naming it."""
+    wheel(tmp_path, "needs_ghost", ["ghost>=1"])
+    with pytest.raises(ConnectFailed) as raised:
+        _pip_rounds(["true"], ["needs_ghost"], str(tmp_path), Platform("x86_64", "glibc", "2.36", "3.11.2"))
+    assert str(raised.value) == (f"cannot fetch wheels for manylinux_2_36_x86_64, Python 3.11.2: pip left out "
+                                 f"ghost>=1 after {PIP_ROUNDS} rounds")
