@@ -43,7 +43,7 @@ over, it is ended and the process starts afresh. A crash with no older epoch ali
 epoch 0. Each epoch 0 gets a new random base id (Envoy names its /dev/shm region after it, and
 /dev/shm is shared by every Envoy on the machine); the hot-restart sockets are files under
 ROOT/run, which only this user reaches. The state line names the base id: a supervisor killed
-with -9 removes neither, so the next `start` or `stop` of NAME does.
+with -9 removes neither, so the next `start` or `stop` of NAME (this script's) does.
 
 The child's stdout and stderr go through a pipe to ROOT/log/NAME.log (mode 0640), rotated by
 size: NAME.log.1 .. NAME.log.K hold the older output. Supervisor events are lines starting with
@@ -515,9 +515,11 @@ class Supervisor:
         return socket_files(self.paths, "*" if epoch is None else str(self.base_id * 10 + epoch))
 
     def forget_base_id(self):
-        """Removes what the epochs before left (Envoy's /dev/shm region and its socket files)."""
+        """Removes what the epochs before left (Envoy's /dev/shm region and its socket files); the
+        state line then names no base id."""
         if self.base_id is not None:
             remove_quietly([shared_memory(self.base_id), *self.hot_restart_sockets()])
+            self.base_id = None
 
     def drain_output(self, pid, until_eof=False):
         fd = self.outputs.get(pid)
@@ -659,9 +661,9 @@ class Supervisor:
                 self.log.event(f"grace over: SIGKILL pid(s) {' '.join(map(str, self.pids()))}")
                 self.signal_all(signal.SIGKILL)
                 self.kill_at = None
+        self.forget_base_id()
         self.record()
         self.log.event("stopped")
-        self.forget_base_id()
         remove_quietly([self.paths.sup, self.paths.stop, self.paths.next])
 
     def timeout(self):
