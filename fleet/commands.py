@@ -193,7 +193,9 @@ restart_proc() {
     value "$R/run/$1.logpos"; [ "$v" = "$marked" ] || reload_pos=$v
   fi
   stop_procs "$1"; start_proc "$@"; start_code=$?
-  [ -z "$reload_pos" ] || echo "$reload_pos" > "$R/run/$1.logpos"
+  # Not past the start's own mark: a log rotated since the reload's starts afresh.
+  value "$R/run/$1.logpos"
+  [ -z "$reload_pos" ] || [ "$reload_pos" -gt "${v:-0}" ] || echo "$reload_pos" > "$R/run/$1.logpos"
   return "$start_code"
 }
 # Installs the unit of process $1 (a copy: it must not depend on $R being there early at boot),
