@@ -112,7 +112,9 @@ class ScriptSession:
             if on_line:
                 on_line(line)
         feeder.join(timeout=CLOSE_SECONDS)
-        raise ConnectFailed(f"connection lost during a step: {error[0] if error else _last(output)}")
+        # What the host said last explains more than the send it cut short (a broken pipe).
+        said = _last(output)
+        raise ConnectFailed(f"connection lost during a step: {error[0] if error and said == NO_OUTPUT else said}")
 
     def _line(self, deadline, timeout, what):
         """The next output line, or None at the end of the output."""
@@ -192,9 +194,12 @@ class ChangedWhileSent(Exception):
     """A controller file was not what was measured for the step's receiver when it was sent."""
 
 
+NO_OUTPUT = "no output"
+
+
 def _last(lines):
     meaningful = [l for l in lines if l.strip() and not protocol.is_report(l)]
-    return meaningful[-1] if meaningful else "no output"
+    return meaningful[-1] if meaningful else NO_OUTPUT
 
 
 class LocalConnection:
