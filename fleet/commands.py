@@ -132,6 +132,13 @@ stop_procs() {
 # site, which it does not need. Its `--mark TEXT` (and `mark`) notes where the output of a start
 # begins in ROOT/log/NAME.log (a failed start shows only what it printed) and logs TEXT there.
 sup() { "$PY" -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); import supervisor; sys.exit(supervisor.main())' "${SUP%/*}" "$@"; }
+# dead_run NAME: a supervisor killed with -9 takes its Envoy along and removes nothing, and the
+# Envoy's /dev/shm region is the machine's. Where NAME's state line still names a base id and no
+# supervisor lives, the supervisor's own `stop` removes it (supervisor.py forget_dead_run).
+dead_run() {
+  value "$R/run/$1.state"
+  case " $v " in *" base_id="[0-9]*) [ ! -f "$SUP" ] || supervised "$1" || sup stop "$R" "$1" >/dev/null 2>&1 ;; esac
+}
 # The log of process $1 in $log, its directory made (a redirection to it comes before the supervisor).
 log_of() { log="$R/log/$1.log"; [ -d "$R/log" ] || mkdir -p "$R/run" "$R/log"; }
 remember() { echo "$2" > "$R/run/$1.fp"; printf '%s\n' "$3" > "$R/run/$1.cmd"; echo "${4:-0}" > "$R/run/$1.hot"; }
@@ -595,10 +602,12 @@ def _switch(plan, txid):
     )
 
 
-def stop(process_groups):
+def stop(process_groups, supervisor=None):
     """Stops the named processes: each group at once (SIGTERM to all, SIGKILL after the grace),
-    the groups one after another (Envoy before the backends it fronts)."""
-    lines = []
+    the groups one after another (Envoy before the backends it fronts). supervisor: (the host's
+    python, the supervisor's path there), to remove what the Envoy of a supervisor killed with -9
+    left in /dev/shm (dead_run)."""
+    lines = [assign("PY", supervisor[0]), assign("SUP", supervisor[1])] if supervisor else []
     for names in process_groups:
         for name in names:
             # A supervisor waiting to restart a crashed process counts: stopping it ends that.
@@ -607,6 +616,7 @@ def stop(process_groups):
                               f"{P.NOT_RUNNING} {name}", Raw("; fi")))
         if names:
             lines.append(line(Raw("stop_procs"), *names))
+            lines += [line(Raw("dead_run"), name) for name in names]
     lines.append(Raw("report_listeners"))
     return script(*lines)
 

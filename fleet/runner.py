@@ -682,7 +682,8 @@ def stop(fleet, states):
         names = [p.name for p in reversed(state.processes)]
         # Envoys first (they front the backends), then everything else, each group at once.
         envoys = [n for n in names if n.startswith("envoy-")]
-        result = shell.run(commands.stop([envoys, [n for n in names if n not in envoys]]),
+        supervisor = (state.host.python, state.supervisor) if state.supervisor else None
+        result = shell.run(commands.stop([envoys, [n for n in names if n not in envoys]], supervisor),
                            STEP_SECONDS + 2 * PROCESS_STOP_SECONDS, "stop")
         report = facts.parse(result.output)
         for name in names:

@@ -43,7 +43,7 @@ over, it is ended and the process starts afresh. A crash with no older epoch ali
 epoch 0. Each epoch 0 gets a new random base id (Envoy names its /dev/shm region after it, and
 /dev/shm is shared by every Envoy on the machine); the hot-restart sockets are files under
 ROOT/run, which only this user reaches. The state line names the base id: a supervisor killed
-with -9 removes neither, so the next `start` or `stop` of NAME (this script's) does.
+with -9 removes neither, so the next `start` or `stop` of NAME does (fleet's stop step calls it).
 
 The child's stdout and stderr go through a pipe to ROOT/log/NAME.log (mode 0640), rotated by
 size: NAME.log.1 .. NAME.log.K hold the older output. Supervisor events are lines starting with

@@ -69,7 +69,8 @@ def all_scripts(root, value):
         "facts, read-only": head + commands.facts(state, recover=False),
         "apply": head + switch.script,
         "switch": switch.payload[-1].body.content.decode(),
-        "stop": head + commands.stop([["envoy-svc"], ["svc", "other"]]),
+        "stop": head + commands.stop([["envoy-svc"], ["svc", "other"]],
+                                     (sys.executable, f"{root}/artifacts/{value}/supervisor.py")),
         "Envoy admin": head + commands.envoy_admin_get(sys.executable, f"{root}/envoy/svc/admin.sock", "/clusters", 5),
     }
 
@@ -186,6 +187,38 @@ def test_a_failed_hot_restart_keeps_its_own_error_in_what_a_failed_start_shows(r
         assert "this-run-output" in shown
         assert report.rolled_back == ["svc"]
     finally:
+        stop_all(root)
+
+
+def test_stop_removes_the_shared_memory_a_killed_supervisors_envoy_left(root):
+    """A supervisor killed with -9 takes its Envoy along (PDEATHSIG) and removes nothing; the
+    region in /dev/shm is the machine's. `fleet stop` removes it, by the base id of the state line.
+    (The process here is not an Envoy: the region is made as Envoy would have made it.)"""
+    port = free_port()
+    hot = state_for(root, b"v1", listener(port, "v1"), [port])
+    hot.processes[0] = dataclasses.replace(hot.processes[0], hot_restart=True)
+    region = None
+    try:
+        assert deploy(root, hot, "1-1")[0].exit_code == 0
+        with open(os.path.join(root, "run", "svc.state")) as f:
+            fields = dict(w.split("=", 1) for w in f.read().split())
+        region = f"/dev/shm/envoy_shared_memory_{int(fields['base_id']) * 10}"
+        open(region, "w").close()
+        os.kill(int(fields["supervisor"]), signal.SIGKILL)
+        child = int(fields["pid"])
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        conn, shell = open_session(root)
+        try:
+            shell.run(commands.stop([["svc"]], (hot.host.python, hot.supervisor)), STEP, "stop")
+        finally:
+            shell.close()
+            conn.close()
+        assert not os.path.exists(region)
+    finally:
+        if region and os.path.exists(region):
+            os.unlink(region)
         stop_all(root)
 
 
