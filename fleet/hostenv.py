@@ -124,8 +124,8 @@ def wheel_set(wheels):
 
 
 def install_script(host, wheels, sent, wanted):
-    """Receives the missing wheels (`sent`: protocol.Sent), builds ROOT/venv.new from the host's python and all
-    `wheels`, then swaps it in for ROOT/venv."""
+    """Receives the missing wheels (`sent`: protocol.Sent), builds ROOT/venv.new from the host's
+    python and all `wheels`, then swaps it in for ROOT/venv."""
     names = [w.name for w in wheels]
     return script(
         Raw('S="$R/wheels"; mkdir -p "$S"; made=$?'),  # the wheels are read (drained) either way
